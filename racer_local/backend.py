@@ -1,0 +1,275 @@
+"""llama.cpp through llama-cpp-python's low-level ctypes API: the only module that touches ctypes.
+
+It loads a model, tokenizes, decodes batches of (token, position, sequence ids) with logits
+returned as a numpy view, and edits the KV cache by sequence id. Sequence 0 always holds the
+committed text; draft trees borrow ids 1..n_seq_max-1 for the duration of one verification
+(see tree.py for the encoding). It knows nothing about drafting or sampling.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import llama_cpp as ll
+import numpy as np
+
+from racer_local.errors import ContextFullError, DecodeError, ModelError
+from racer_local.gguf import check_gguf
+
+_init_lock = threading.Lock()
+_initialized = False
+
+
+@ll.llama_log_callback
+def _log_to_nowhere(level, text, user_data):  # noqa: ARG001
+    """llama.cpp logs every load to stderr; silence it unless RACER_LOCAL_VERBOSE is set."""
+
+
+def _init_llama() -> None:
+    global _initialized
+    with _init_lock:
+        if _initialized:
+            return
+        # The callback object lives at module level: llama.cpp keeps its pointer forever.
+        if not os.environ.get("RACER_LOCAL_VERBOSE"):
+            ll.llama_log_set(_log_to_nowhere, ctypes.c_void_p())
+        ll.llama_backend_init()
+        _initialized = True
+
+
+def default_threads() -> int:
+    """Physical-ish core count: llama.cpp gets slower, not faster, with hyperthreads."""
+    n = os.cpu_count() or 1
+    return max(1, n // 2) if n > 4 else n
+
+
+class Backend:
+    """One loaded model with one context. Not thread-safe: the Engine serialises access."""
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        n_ctx: int = 4096,
+        n_threads: int | None = None,
+        n_gpu_layers: int = 0,
+        n_seq_max: int = 64,
+        n_batch: int = 512,
+    ) -> None:
+        if n_ctx < 16:
+            raise ValueError(f"n_ctx must be at least 16, got {n_ctx}")
+        if not 2 <= n_seq_max <= 256:
+            raise ValueError(f"n_seq_max must be in 2..256 (llama.cpp's cap), got {n_seq_max}")
+        if n_threads is not None and n_threads < 1:
+            raise ValueError(f"threads must be at least 1, got {n_threads}")
+        self.model_path = Path(model_path)
+        check_gguf(self.model_path)
+        _init_llama()
+        self.n_threads = n_threads or default_threads()
+        self.n_seq_max = n_seq_max
+        self._model = self._ctx = self._batch = None
+
+        mparams = ll.llama_model_default_params()
+        mparams.n_gpu_layers = n_gpu_layers
+        mparams.load_mode = ll.LLAMA_LOAD_MODE_MMAP
+        self._model = ll.llama_model_load_from_file(str(self.model_path).encode(), mparams)
+        if not self._model:
+            raise ModelError(
+                f"llama.cpp could not load {self.model_path}: the file is corrupt, incomplete or "
+                "of an unsupported architecture (set RACER_LOCAL_VERBOSE=1 to see llama.cpp's log)"
+            )
+        self.n_gpu_layers = n_gpu_layers
+        self._vocab = ll.llama_model_get_vocab(self._model)
+        self.n_vocab = ll.llama_vocab_n_tokens(self._vocab)
+
+        cparams = ll.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = cparams.n_ubatch = n_batch
+        cparams.n_seq_max = n_seq_max
+        cparams.n_threads = cparams.n_threads_batch = self.n_threads
+        cparams.kv_unified = True  # tree attention: every path id sees the shared prefix cells
+        cparams.no_perf = True
+        self._ctx = ll.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            self.close()
+            raise ModelError(f"llama.cpp could not create a context of {n_ctx} tokens")
+        self.n_ctx = ll.llama_n_ctx(self._ctx)
+        self.n_batch = n_batch
+        self._mem = ll.llama_get_memory(self._ctx)
+        self._batch = ll.llama_batch_init(n_batch, 0, n_seq_max)
+        self._token = np.ctypeslib.as_array(self._batch.token, shape=(n_batch,))
+        self._pos = np.ctypeslib.as_array(self._batch.pos, shape=(n_batch,))
+        self._n_seq = np.ctypeslib.as_array(self._batch.n_seq_id, shape=(n_batch,))
+        self._want = np.ctypeslib.as_array(self._batch.logits, shape=(n_batch,))
+        self._seq = [
+            np.ctypeslib.as_array(self._batch.seq_id[i], shape=(n_seq_max,)) for i in range(n_batch)
+        ]
+        self._pieces: dict[int, bytes] = {}
+
+    # ----- lifetime -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Free the batch, context and model now rather than whenever the GC runs."""
+        if self._batch is not None:
+            ll.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx:
+            ll.llama_free(self._ctx)
+            self._ctx = None
+        if self._model:
+            ll.llama_model_free(self._model)
+            self._model = None
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the ctypes module may be gone already
+            pass
+
+    # ----- metadata and text ----------------------------------------------------------------
+
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(4096)
+        n = ll.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace") if n >= 0 else None
+
+    @property
+    def chat_template(self) -> str | None:
+        raw = ll.llama_model_chat_template(self._model, None)
+        return raw.decode("utf-8") if raw else None
+
+    @property
+    def bos(self) -> int:
+        return ll.llama_vocab_bos(self._vocab)
+
+    def is_eog(self, token: int) -> bool:
+        return bool(ll.llama_vocab_is_eog(self._vocab, int(token)))
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        buf = (ll.llama_token * cap)()
+        n = ll.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, parse_special)
+        if n < 0:  # buffer too small: n is minus the size needed
+            cap = -n
+            buf = (ll.llama_token * cap)()
+            n = ll.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, parse_special)
+        return list(buf[:n])
+
+    def piece(self, token: int) -> bytes:
+        """The raw bytes of one token; may be part of a UTF-8 character (see text.Detokenizer)."""
+        cached = self._pieces.get(token)
+        if cached is None:
+            buf = ctypes.create_string_buffer(64)
+            n = ll.llama_token_to_piece(self._vocab, int(token), buf, len(buf), 0, False)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = ll.llama_token_to_piece(self._vocab, int(token), buf, len(buf), 0, False)
+            cached = self._pieces[token] = buf.raw[:n]
+        return cached
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")
+
+    # ----- decoding -------------------------------------------------------------------------
+
+    def decode(
+        self,
+        tokens: Sequence[int],
+        positions: Sequence[int],
+        seq_ids: Sequence[Sequence[int]] | None = None,
+        *,
+        n_logits: int | None = None,
+    ) -> np.ndarray:
+        """Decode one batch; return the logits of its last `n_logits` tokens (default all).
+
+        The result is a float32 view of llama.cpp's own buffer, shape (n_logits, n_vocab),
+        valid until the next decode: copy what must outlive it. seq_ids default to sequence 0.
+        """
+        n = len(tokens)
+        if not 0 < n <= self.n_batch:
+            raise ValueError(f"a batch holds 1..{self.n_batch} tokens, got {n}")
+        n_logits = n if n_logits is None else n_logits
+        self._token[:n] = tokens
+        self._pos[:n] = positions
+        self._want[:n] = 0
+        self._want[n - n_logits : n] = 1
+        if seq_ids is None:
+            self._n_seq[:n] = 1
+            for i in range(n):
+                self._seq[i][0] = 0
+        else:
+            for i, ids in enumerate(seq_ids):
+                self._n_seq[i] = len(ids)
+                self._seq[i][: len(ids)] = ids
+        self._batch.n_tokens = n
+        rc = ll.llama_decode(self._ctx, self._batch)
+        if rc != 0:
+            self._raise_decode_error(rc, n)
+        if n_logits == 0:
+            return np.empty((0, self.n_vocab), dtype=np.float32)
+        ptr = ll.llama_get_logits(self._ctx)
+        return np.ctypeslib.as_array(ptr, shape=(n_logits, self.n_vocab))
+
+    def _raise_decode_error(self, rc: int, n: int) -> None:
+        if rc == 1:
+            raise ContextFullError(
+                f"no room in the KV cache for {n} more tokens (context is {self.n_ctx} tokens)"
+            )
+        raise DecodeError(f"llama_decode failed with code {rc}")
+
+    def prefill(
+        self,
+        tokens: Sequence[int],
+        start: int,
+        *,
+        n_logits: int = 1,
+        interrupt: threading.Event | None = None,
+    ) -> np.ndarray:
+        """Decode a long run into sequence 0 in n_batch chunks; return its last n_logits rows.
+
+        `interrupt` is checked between chunks (no abort callback: a Python callback inside
+        every llama_decode would cost more than it saves); on interrupt the caller rolls back.
+        """
+        if start + len(tokens) > self.n_ctx:
+            raise ContextFullError(
+                f"the prompt needs {start + len(tokens)} tokens but the context holds {self.n_ctx}; "
+                "shorten the prompt or raise n_ctx"
+            )
+        n_logits = min(n_logits, len(tokens))
+        rows = np.empty((0, self.n_vocab), dtype=np.float32)
+        for lo in range(0, len(tokens), self.n_batch):
+            if interrupt is not None and interrupt.is_set():
+                raise DecodeError("generation was cancelled", cancelled=True)
+            chunk = tokens[lo : lo + self.n_batch]
+            tail = max(0, n_logits - (len(tokens) - lo - len(chunk)))  # rows due in this chunk
+            out = self.decode(chunk, range(start + lo, start + lo + len(chunk)), n_logits=min(tail, len(chunk)))
+            if len(out):
+                rows = np.concatenate([rows, out]) if len(rows) else out.copy()
+        return rows[-n_logits:] if n_logits else rows
+
+    # ----- KV cache -------------------------------------------------------------------------
+
+    def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
+        ll.llama_memory_seq_cp(self._mem, src, dst, p0, p1)
+
+    def seq_rm(self, seq: int, p0: int = -1, p1: int = -1) -> None:
+        if not ll.llama_memory_seq_rm(self._mem, seq, p0, p1):
+            raise DecodeError(f"llama.cpp refused to remove positions {p0}..{p1} of sequence {seq}")
+
+    def pos_max(self, seq: int = 0) -> int:
+        """Largest position held by a sequence, -1 when it holds none."""
+        return ll.llama_memory_seq_pos_max(self._mem, seq)
+
+    def clear(self) -> None:
+        ll.llama_memory_clear(self._mem, True)

@@ -1,0 +1,140 @@
+"""The `racer-local` command line. Library errors become one-line messages here, and only here."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import click
+
+from racer_local.drafters import DRAFTERS
+from racer_local.errors import RacerError
+from racer_local.stats import Stats
+
+
+def _friendly_errors(fn):
+    """Turn expected failures into `Error: ...` and exit code 1 instead of a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (RacerError, ValueError, OSError) as e:
+            raise click.ClickException(str(e)) from e
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def model_options(fn):
+    for option in reversed(
+        [
+            click.option("-m", "--model", envvar="RACER_LOCAL_MODEL",
+                         help="GGUF path or a name from models.toml (default: the embedded model)."),
+            click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: cores)."),
+            click.option("--n-ctx", type=click.IntRange(min=16), default=4096, show_default=True,
+                         help="Context window in tokens."),
+            click.option("--n-gpu-layers", type=click.IntRange(min=-1), default=0, show_default=True,
+                         help="Layers to offload to a GPU build of llama.cpp (-1: all)."),
+        ]
+    ):
+        fn = option(fn)
+    return fn
+
+
+def _engine(model, threads, n_ctx, n_gpu_layers):
+    from racer_local.engine import Engine  # imports llama.cpp: keep `--help` fast
+
+    return Engine(model, n_ctx=n_ctx, threads=threads, n_gpu_layers=n_gpu_layers)
+
+
+@click.group()
+@click.version_option(package_name="racer-local")
+def main():
+    """Fast local LLM inference with RACER speculative decoding on llama.cpp."""
+
+
+@main.command()
+@click.argument("prompt")
+@model_options
+@click.option("-n", "--max-tokens", type=int, default=256, show_default=True, help="Tokens to generate.")
+@click.option("--method", type=click.Choice(list(DRAFTERS)), default="pld", show_default=True,
+              help="Drafting method; `ar` is plain decoding.")
+@click.option("-t", "--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="0 is greedy.")
+@click.option("--seed", type=int, help="Random seed for sampling.")
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming.")
+@click.option("--compare", is_flag=True, help="Also run `ar` on the prompt and report the speedup.")
+@_friendly_errors
+def generate(prompt, model, threads, n_ctx, n_gpu_layers, max_tokens, method, temperature, seed,
+             stop, as_json, compare):
+    """Generate a continuation of PROMPT ('-' reads it from stdin)."""
+    if max_tokens < 1:
+        raise click.BadParameter(f"must be at least 1, got {max_tokens}", param_hint="--max-tokens")
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise click.BadParameter("the prompt is empty", param_hint="PROMPT")
+    options = dict(max_tokens=max_tokens, temperature=temperature, seed=seed, stop=stop)
+    with _engine(model, threads, n_ctx, n_gpu_layers) as engine:
+        baseline = None
+        if compare:
+            engine.generate(prompt, max_tokens=8, method="ar")  # warm-up: page in the weights
+            engine.reset()
+            baseline = engine.generate(prompt, method="ar", **options)
+            engine.reset()
+        text, tokens = [], []
+        for chunk in engine.stream(prompt, method=method, **options):
+            text.append(chunk.text)
+            tokens.extend(chunk.tokens)
+            if not as_json:
+                click.echo(chunk.text, nl=False)
+                sys.stdout.flush()
+        stats, finish = chunk.stats, chunk.finish_reason
+    if as_json:
+        out = {"text": "".join(text), "tokens": tokens, "finish_reason": finish, "stats": stats.to_dict()}
+        if baseline:
+            out["baseline"] = {"method": "ar", "stats": baseline.stats.to_dict()}
+            out["speedup"] = _speedup(stats, baseline.stats)
+        click.echo(json.dumps(out))
+        return
+    click.echo("")
+    click.echo(f"[{method}] {stats.summary()}", err=True)
+    if baseline:
+        click.echo(f"[ar] {baseline.stats.summary()}", err=True)
+        click.echo(f"speedup over ar: {_speedup(stats, baseline.stats):.2f}x (decode tokens/s)", err=True)
+
+
+def _speedup(stats: Stats, base: Stats) -> float:
+    return stats.tokens_per_s / base.tokens_per_s if base.tokens_per_s else 0.0
+
+
+@main.command("models")
+@_friendly_errors
+def list_models():
+    """List the models in models.toml and whether each is on this machine."""
+    from racer_local.models import is_present, load_registry
+
+    default, entries = load_registry()
+    for name, e in entries.items():
+        mark = "present" if is_present(e) else "not downloaded"
+        star = "*" if name == default else " "
+        click.echo(f"{star} {name:24} {e.quantization:8} {e.size_mb:>6} MB  {mark:14}  {e.description}")
+
+
+@main.command()
+@click.argument("name")
+@_friendly_errors
+def pull(name):
+    """Download model NAME from models.toml (resumable, sha256-checked where known)."""
+    from racer_local.models import load_registry
+    from racer_local.models import pull as pull_model
+
+    _, entries = load_registry()
+    if name not in entries:
+        raise click.BadParameter(f"unknown model {name!r}; see `racer-local models`", param_hint="NAME")
+    click.echo(pull_model(entries[name]))

@@ -1,0 +1,91 @@
+"""The speculative decode loop: draft -> verify in one llama_decode -> accept -> commit -> observe.
+
+Every method runs through this one loop (`ar` is a drafter that drafts nothing). It also
+owns the KV cache bookkeeping for trees: before a verification the committed prefix
+(sequence 0) is shared with every path id; after it, the accepted cells join sequence 0 and
+the path ids are dropped. Rollback runs in `finally`, so a cancelled or failed step never
+leaves draft cells behind. Prompt handling, stop strings and text live in engine.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from racer_local.backend import Backend
+from racer_local.drafters.base import Drafter
+from racer_local.tree import DraftTree
+from racer_local.verify import walk
+
+
+@dataclass(frozen=True)
+class Step:
+    """What one forward pass committed."""
+
+    tokens: list[int]  # committed tokens, in order (the root first)
+    drafted: int  # draft nodes verified besides the root
+    eog: bool  # the last token ends the generation
+
+
+def speculate(
+    backend: Backend,
+    drafter: Drafter,
+    choose: Callable[[np.ndarray], int],
+    root: int,
+    n_past: int,
+    max_tokens: int,
+) -> Iterator[Step]:
+    """Yield a Step per forward pass until max_tokens, end of generation or a full context.
+
+    `root` is the token chosen from the prompt's last logits and `n_past` the number of
+    committed cells; the caller has already called drafter.begin().
+    """
+    produced = 0
+    try:
+        while produced < max_tokens:
+            room = min(backend.n_ctx - n_past, backend.n_seq_max - 1)  # KV cells, path ids
+            if room <= 0:
+                return
+            tree = drafter.propose(root, room).limit(room, max_tokens - produced - 1)
+            rows = _verify(backend, tree, n_past)
+            path, root = walk(tree, rows, choose)
+            tokens = [tree.tokens[i] for i in path]
+            eog = next((i for i, t in enumerate(tokens) if backend.is_eog(t)), None)
+            if eog is not None:
+                path, tokens = path[: eog + 1], tokens[: eog + 1]
+            _commit(backend, tree, path, n_past)
+            drafter.observe(tree, rows, path)
+            n_past += len(path)
+            produced += len(path)
+            yield Step(tokens, len(tree) - 1, eog is not None)
+            if eog is not None:
+                return
+    finally:
+        _rollback(backend, n_past)
+
+
+def _verify(backend: Backend, tree: DraftTree, n_past: int) -> np.ndarray:
+    for seq in range(1, tree.n_leaves + 1 if tree.n_leaves > 1 else 1):
+        backend.seq_cp(0, seq)
+    positions = [n_past + d for d in tree.depths]
+    return backend.decode(tree.tokens, positions, tree.seq_ids)
+
+
+def _commit(backend: Backend, tree: DraftTree, path: list[int], n_past: int) -> None:
+    """Make the accepted cells part of sequence 0 and free every other draft cell."""
+    end = n_past + len(path)
+    if tree.n_leaves == 1:  # a chain lives in sequence 0 already
+        backend.seq_rm(0, end, -1)
+        return
+    backend.seq_cp(tree.seq_ids[path[-1]][0], 0, n_past, end)
+    for seq in range(1, tree.n_leaves + 1):
+        backend.seq_rm(seq)
+
+
+def _rollback(backend: Backend, n_past: int) -> None:
+    """Leave exactly the committed prefix: no path ids, nothing past n_past in sequence 0."""
+    for seq in range(1, backend.n_seq_max):
+        backend.seq_rm(seq)
+    backend.seq_rm(0, n_past, -1)

@@ -1,0 +1,37 @@
+"""Generation statistics under one set of names, shared by the API, the CLI and JSON output."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0  # tokens in the request (cached ones included)
+    generated_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    steps: int = 0  # verification forward passes after the prefill
+    drafted: int = 0  # draft tokens sent for verification (roots excluded)
+    accepted: int = 0  # draft tokens the target agreed with
+
+    @property
+    def mean_accepted(self) -> float:
+        """Tokens committed per forward pass: 1.0 for plain decoding."""
+        return self.generated_tokens / self.steps if self.steps else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode speed: generated tokens per second of decoding (prefill excluded)."""
+        return self.generated_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "mean_accepted": self.mean_accepted, "tokens_per_s": self.tokens_per_s}
+
+    def summary(self) -> str:
+        rate = f"{self.accepted}/{self.drafted} drafted accepted" if self.drafted else "no drafts"
+        return (
+            f"{self.generated_tokens} tokens in {self.steps} steps "
+            f"({self.mean_accepted:.2f} per step, {rate}), {self.tokens_per_s:.1f} tok/s; "
+            f"prompt {self.prompt_tokens} tokens in {self.prefill_s:.2f}s"
+        )

@@ -1,0 +1,29 @@
+"""The acceptance rule: walk the draft tree along the target's own choices.
+
+At each node the target chooses its next token from that node's logits row (argmax when
+greedy, a draw from its distribution when sampling); if a child holds that token the walk
+moves there, else it stops and the chosen token becomes the next root. Drafts are
+deterministic, so accepting child c with probability p(c), else moving on to the next
+child against the residual, is exactly one draw from p: the output follows the target's
+distribution whatever the drafter proposed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from racer_local.tree import DraftTree
+
+
+def walk(tree: DraftTree, rows: np.ndarray, choose: Callable[[np.ndarray], int]) -> tuple[list[int], int]:
+    """Return the accepted node indices (root first) and the target's next token."""
+    node, path = 0, [0]
+    while True:
+        token = choose(rows[node])
+        child = tree.children[node].get(token)
+        if child is None:
+            return path, token
+        path.append(child)
+        node = child
