@@ -61,7 +61,7 @@ def main():
 @click.argument("prompt")
 @model_options
 @click.option("-n", "--max-tokens", type=int, default=256, show_default=True, help="Tokens to generate.")
-@click.option("--method", type=click.Choice(list(DRAFTERS)), default="pld", show_default=True,
+@click.option("--method", type=click.Choice(list(DRAFTERS)), default="racer", show_default=True,
               help="Drafting method; `ar` is plain decoding.")
 @click.option("-t", "--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="0 is greedy.")

@@ -114,7 +114,7 @@ class Engine:
                 f"the prompt has {len(tokens)} tokens but the context holds {self.backend.n_ctx}; "
                 "shorten the prompt or raise n_ctx"
             )
-        drafter = make_drafter(method)
+        drafter = make_drafter(method, self.backend)
         choose = Sampler(temperature, top_k, top_p, min_p, seed)
         text = TextStream(stop)
         return self._run(tokens, drafter, choose, text, max_tokens)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import heapq
 import operator
 import os
+import sys
 from collections import OrderedDict
 
 import numpy as np
@@ -172,7 +173,7 @@ class PyNgramIndex:
             if parent_rank >= 0:
                 is_leaf[parent_rank] = False
         paths = []
-        for i, (_, _, depth, score) in enumerate(kept):
+        for i, (_, _, _, score) in enumerate(kept):
             if is_leaf[i]:
                 path = []
                 while i >= 0:
@@ -192,10 +193,10 @@ class PyNgramIndex:
                 group = groups.setdefault(token, [0, []])
                 group[0] += child.count
                 group[1].append(child)
-        best = heapq.nsmallest(keep, ((-s, t, ns) for t, (s, ns) in groups.items()), key=lambda g: g[:2])
-        for neg_score, token, group_nodes in best:
+        ranked = ((-score, token, members) for token, (score, members) in groups.items())
+        for neg_score, token, members in heapq.nsmallest(keep, ranked, key=lambda g: g[:2]):
             # heap order (score desc, parent rank asc, token asc) is total: entries never tie
-            heapq.heappush(heap, (neg_score, rank, token, depth, group_nodes))
+            heapq.heappush(heap, (neg_score, rank, token, depth, members))
 
 
 def _rows(logits, k) -> tuple[np.ndarray, int]:
@@ -204,7 +205,8 @@ def _rows(logits, k) -> tuple[np.ndarray, int]:
         view = memoryview(logits)
     except TypeError:
         raise TypeError(LOGITS_TYPE_MSG) from None
-    if view.ndim != 2 or view.format not in ("f", "=f") or not view.c_contiguous:
+    native_f32 = ("f", "=f", "<f" if sys.byteorder == "little" else ">f")
+    if view.ndim != 2 or view.format not in native_f32 or not view.c_contiguous:
         raise TypeError(LOGITS_TYPE_MSG)
     k = operator.index(k)
     n_cols = view.shape[1]

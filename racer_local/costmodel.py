@@ -1,0 +1,89 @@
+"""The measured cost of verifying N tokens in one llama_decode, relative to one token.
+
+On a CPU verifying 8 tokens costs several times one token, and the curve is not even
+monotone (llama.cpp picks kernels by batch size: here 8 tokens cost less than 6). So the
+tree size is chosen from this machine's own curve: measured once per model and thread count
+(a few seconds, on a scratch sequence id that never touches the committed text), cached on
+disk, and interpolated between measured sizes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from racer_local.backend import Backend
+from racer_local.models import cache_dir
+
+SIZES = (*range(1, 17), 20, 24, 28, 32)
+
+
+@dataclass(frozen=True)
+class CostCurve:
+    sizes: tuple[int, ...]
+    seconds: tuple[float, ...]  # median wall time of one decode of each size
+
+    def time(self, n: int) -> float:
+        """Seconds to verify n tokens (linear in between and beyond the measured sizes)."""
+        sizes, secs = self.sizes, self.seconds
+        if n >= sizes[-1]:
+            slope = (secs[-1] - secs[-2]) / (sizes[-1] - sizes[-2])
+            return secs[-1] + slope * (n - sizes[-1])
+        return float(np.interp(n, sizes, secs))
+
+    def relative(self, n: int) -> float:
+        return self.time(n) / self.seconds[0]
+
+    def to_dict(self) -> dict:
+        return {"sizes": list(self.sizes), "seconds": list(self.seconds),
+                "relative": [round(self.relative(n), 3) for n in self.sizes]}
+
+
+def measure(backend: Backend, sizes=SIZES, repeats: int = 3, prefix: int = 64) -> CostCurve:
+    """Time decodes of each size after a `prefix`-token context, on the last sequence id."""
+    seq = backend.n_seq_max - 1
+    sizes = tuple(n for n in sizes if n <= min(backend.n_batch, backend.n_ctx - prefix))
+    token = backend.bos
+    try:
+        backend.decode([token] * prefix, range(prefix), [(seq,)] * prefix, n_logits=1)
+        timings: dict[int, list[float]] = {n: [] for n in sizes}
+        for _ in range(repeats):
+            for n in sizes:  # interleaved, so machine noise hits every size alike
+                t = time.perf_counter()
+                backend.decode([token] * n, range(prefix, prefix + n), [(seq,)] * n)
+                timings[n].append(time.perf_counter() - t)
+                backend.seq_rm(seq, prefix, -1)
+    finally:
+        backend.seq_rm(seq)
+    return CostCurve(sizes, tuple(float(np.median(timings[n])) for n in sizes))
+
+
+_memo: dict[str, CostCurve] = {}
+
+
+def cached(backend: Backend) -> CostCurve:
+    """The curve for this model, threads and offload, measured on first use and kept on disk."""
+    import llama_cpp
+
+    st = backend.model_path.stat()
+    key = json.dumps([str(backend.model_path.resolve()), st.st_size, st.st_mtime_ns, backend.n_threads,
+                      backend.n_gpu_layers, backend.n_batch, llama_cpp.__version__, platform.processor(),
+                      os.cpu_count(), SIZES])
+    if key in _memo:
+        return _memo[key]
+    path = cache_dir() / "costs" / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".json")
+    try:
+        data = json.loads(path.read_text())
+        curve = CostCurve(tuple(data["sizes"]), tuple(data["seconds"]))
+    except (OSError, ValueError, KeyError):
+        curve = measure(backend)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"key": key, **curve.to_dict()}))
+    _memo[key] = curve
+    return curve
