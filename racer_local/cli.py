@@ -36,7 +36,7 @@ def model_options(fn):
                          help="GGUF path or a name from models.toml (default: the embedded model)."),
             click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: cores)."),
             click.option("--n-ctx", type=click.IntRange(min=16), default=4096, show_default=True,
-                         help="Context window in tokens."),
+                         help="Context window in tokens (llama.cpp rounds it up to a multiple of 256)."),
             click.option("--n-gpu-layers", type=click.IntRange(min=-1), default=0, show_default=True,
                          help="Layers to offload to a GPU build of llama.cpp (-1: all)."),
         ]
@@ -74,11 +74,11 @@ def generate(prompt, model, threads, n_ctx, n_gpu_layers, max_tokens, method, te
              stop, as_json, compare):
     """Generate a continuation of PROMPT ('-' reads it from stdin)."""
     if max_tokens < 1:
-        raise click.BadParameter(f"must be at least 1, got {max_tokens}", param_hint="--max-tokens")
+        raise click.ClickException(f"--max-tokens must be at least 1, got {max_tokens}")
     if prompt == "-":
         prompt = sys.stdin.read()
     if not prompt.strip():
-        raise click.BadParameter("the prompt is empty", param_hint="PROMPT")
+        raise click.ClickException("the prompt is empty: give some text to continue")
     options = dict(max_tokens=max_tokens, temperature=temperature, seed=seed, stop=stop)
     with _engine(model, threads, n_ctx, n_gpu_layers) as engine:
         baseline = None

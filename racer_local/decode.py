@@ -49,6 +49,8 @@ def speculate(
             if room <= 0:
                 return
             tree = drafter.propose(root, room).limit(room, max_tokens - produced - 1)
+            if tree.tokens[0] != root:
+                raise ValueError(f"drafter {drafter.name!r} proposed a tree whose root is not the target's token")
             rows = _verify(backend, tree, n_past)
             path, root = walk(tree, rows, choose)
             tokens = [tree.tokens[i] for i in path]

@@ -63,6 +63,8 @@ class _Reader:
             return self.string()
         if vtype == _ARRAY:
             item_type, n = self.take("I"), self.take("Q")
+            if n > len(self.data) - self.at:  # every item takes a byte at least
+                raise self.fail(f"an array of {n} items runs past the end of the file")
             if item_type in _SCALARS:  # skip fixed-size arrays (token scores...) in one step
                 size = struct.calcsize(_SCALARS[item_type]) * n
                 if self.at + size > len(self.data):
@@ -83,6 +85,8 @@ def check_gguf(path: str | Path) -> None:
     if not path.is_file():
         raise ModelError(f"model path is not a file: {path}")
     size = path.stat().st_size
+    if size == 0:
+        raise ModelError(f"{path} is empty (an interrupted download?); download it again")
     with path.open("rb") as f:
         head = f.read(4)
         if head != MAGIC:

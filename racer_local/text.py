@@ -12,7 +12,9 @@ from collections.abc import Sequence
 
 
 class TextStream:
-    def __init__(self, stop: Sequence[str] = ()) -> None:
+    def __init__(self, stop: str | Sequence[str] = ()) -> None:
+        if isinstance(stop, str):  # one stop string, not one per character
+            stop = (stop,)
         if any(not s for s in stop):
             raise ValueError("stop strings must be non-empty")
         self.stop = tuple(stop)

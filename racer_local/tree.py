@@ -22,11 +22,18 @@ class DraftTree:
     depths: tuple[int, ...] = field(init=False)
 
     def __post_init__(self) -> None:
-        depths = []
+        if len(self.tokens) == 0 or len(self.tokens) != len(self.parents):
+            raise ValueError("a tree needs a root and exactly one parent index per token")
+        depths, siblings = [], set()
         for i, p in enumerate(self.parents):
-            if (i == 0) != (p == -1) or p >= i:
+            if (i == 0) != (p == -1) or not -1 <= p < i:
                 raise ValueError("a tree is breadth-first with the root alone at index 0")
+            if (p, self.tokens[i]) in siblings:  # children() and seq_ids() would lose a node
+                raise ValueError(f"node {p} has two children with token {self.tokens[i]}")
+            siblings.add((p, self.tokens[i]))
             depths.append(0 if p < 0 else depths[p] + 1)
+            if depths[-1] < depths[i - 1]:  # limit() keeps a prefix: it must be breadth-first
+                raise ValueError("a tree is breadth-first: depths must not decrease")
         object.__setattr__(self, "depths", tuple(depths))
 
     @classmethod

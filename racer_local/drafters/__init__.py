@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from racer_local.backend import Backend
 from racer_local.drafters.base import Drafter
 from racer_local.drafters.pld import PromptLookup
+
+if TYPE_CHECKING:  # the backend loads llama.cpp; `racer-local --help` should not
+    from racer_local.backend import Backend
 
 
 def _racer(**options) -> Callable[[Backend], Drafter]:

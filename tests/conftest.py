@@ -1,0 +1,30 @@
+"""Shared fixtures for tests that need the real embedded model (gemma-3-270m, Q4_K_M GGUF).
+
+Both are session-scoped: assembling/verifying the model and loading it into llama.cpp cost
+seconds, so every real-model test shares one file path and one engine. Pure and fake-backend
+tests must not use them.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def model_path():
+    """Path of the embedded GGUF model (assembled into the cache directory on first use)."""
+    from racer_local.models import resolve_model
+
+    return resolve_model(None)
+
+
+@pytest.fixture(scope="session")
+def engine(model_path):
+    """One Engine on the embedded model, small context and 2 threads; closed at session end.
+
+    Tests share its KV cache: call engine.reset() if a test depends on starting cold.
+    """
+    from racer_local.engine import Engine  # imports llama.cpp: only when a test asks for it
+
+    with Engine(model_path, n_ctx=1024, threads=2) as e:
+        yield e
