@@ -130,12 +130,28 @@ fail:
     return NULL;
 }
 
-static PyObject *NgramIndex_retrieve(NgramIndexObject *self, PyObject *args, PyObject *kwds) {
+static PyObject *build_nodes(const rl_draft_node *nodes, int m) {
+    PyObject *out = PyList_New(m);
+    if (!out) return NULL;
+    for (int i = 0; i < m; i++) {
+        PyObject *item = Py_BuildValue("(iiL)", (int)nodes[i].token, (int)nodes[i].parent,
+                                       (long long)nodes[i].score);
+        if (!item) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, i, item);
+    }
+    return out;
+}
+
+/* retrieve() and retrieve_nodes(): one search, two shapes of result. */
+static PyObject *retrieve_as(NgramIndexObject *self, PyObject *args, PyObject *kwds, int as_nodes) {
     static char *kwlist[] = {"root", "budget", NULL};
     PyObject *root_obj;
     Py_ssize_t budget;
     if (check_ready(self)) return NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "On:retrieve", kwlist, &root_obj, &budget)) return NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "On", kwlist, &root_obj, &budget)) return NULL;
     int32_t root = as_token(root_obj);
     if (root < 0) return NULL;
     if (budget < 0) return PyErr_Format(PyExc_ValueError, "budget must be >= 0, got %zd", budget);
@@ -151,11 +167,19 @@ static PyObject *NgramIndex_retrieve(NgramIndexObject *self, PyObject *args, PyO
     } else {
         int n_leaves = 0;
         int m = rl_index_retrieve(self->idx, root, (int)cap, nodes, leaves, &n_leaves);
-        out = m < 0 ? raise_code(m) : build_paths(nodes, leaves, n_leaves);
+        out = m < 0 ? raise_code(m) : as_nodes ? build_nodes(nodes, m) : build_paths(nodes, leaves, n_leaves);
     }
     PyMem_Free(nodes);
     PyMem_Free(leaves);
     return out;
+}
+
+static PyObject *NgramIndex_retrieve(NgramIndexObject *self, PyObject *args, PyObject *kwds) {
+    return retrieve_as(self, args, kwds, 0);
+}
+
+static PyObject *NgramIndex_retrieve_nodes(NgramIndexObject *self, PyObject *args, PyObject *kwds) {
+    return retrieve_as(self, args, kwds, 1);
 }
 
 static PyObject *NgramIndex_reset(NgramIndexObject *self, PyObject *Py_UNUSED(ignored)) {
@@ -192,6 +216,10 @@ static PyMethodDef NgramIndex_methods[] = {
      "retrieve(root, budget)\n--\n\n"
      "Draft continuations after the next token `root`: [(tokens, score), ...] ending at the\n"
      "leaves of at most `budget` kept nodes, by score desc then tokens asc."},
+    {"retrieve_nodes", (PyCFunction)(void (*)(void))NgramIndex_retrieve_nodes, METH_VARARGS | METH_KEYWORDS,
+     "retrieve_nodes(root, budget)\n--\n\n"
+     "The same search as retrieve(), as the kept nodes in rank order: [(token, parent, score),\n"
+     "...] where parent indexes this list (-1: a child of root). Parents precede children."},
     {"reset", (PyCFunction)NgramIndex_reset, METH_NOARGS, "reset()\n--\n\nForget the stream and every node."},
     {NULL, NULL, 0, NULL},
 };

@@ -138,3 +138,8 @@ def pull(name):
     if name not in entries:
         raise click.BadParameter(f"unknown model {name!r}; see `racer-local models`", param_hint="NAME")
     click.echo(pull_model(entries[name]))
+
+
+from racer_local.bench import bench  # noqa: E402  (last: bench.py imports the option helpers above)
+
+main.add_command(bench)

@@ -145,6 +145,25 @@ class PyNgramIndex:
         """Best continuations after the next token `root` (see ngram.h, RETRIEVAL): the paths
         to the leaves of at most `budget` kept nodes with their scores, by score desc then
         tokens asc. A continuation's score sums its counts under every border it appears in."""
+        kept = self.retrieve_nodes(root, budget)
+        is_leaf = [True] * len(kept)
+        for _, parent, _ in kept:
+            if parent >= 0:
+                is_leaf[parent] = False
+        paths = []
+        for i, (_, _, score) in enumerate(kept):
+            if is_leaf[i]:
+                path = []
+                while i >= 0:
+                    path.append(kept[i][0])
+                    i = kept[i][1]
+                paths.append((path[::-1], score))
+        paths.sort(key=lambda item: (-item[1], item[0]))
+        return paths
+
+    def retrieve_nodes(self, root: int, budget: int) -> list[tuple[int, int, int]]:
+        """The same search as retrieve(), as the kept nodes in rank order: (token, parent,
+        score) with parent an index into this list (-1: a child of root)."""
         root, budget = _token(root), operator.index(budget)
         if budget < 0:
             raise ValueError(f"budget must be >= 0, got {budget}")
@@ -161,27 +180,13 @@ class PyNgramIndex:
 
         heap: list[tuple[int, int, int, int, list[_Node]]] = []
         self._expand(heap, borders, -1, 1, limit)
-        kept: list[tuple[int, int, int, int]] = []  # (token, parent rank, depth, score)
+        kept: list[tuple[int, int, int]] = []  # (token, parent rank, score)
         while len(kept) < limit and heap:
             neg_score, parent_rank, token, depth, nodes = heapq.heappop(heap)
-            kept.append((token, parent_rank, depth, -neg_score))
+            kept.append((token, parent_rank, -neg_score))
             if len(kept) < limit:
                 self._expand(heap, nodes, len(kept) - 1, depth + 1, limit - len(kept))
-
-        is_leaf = [True] * len(kept)
-        for _, parent_rank, _, _ in kept:
-            if parent_rank >= 0:
-                is_leaf[parent_rank] = False
-        paths = []
-        for i, (_, _, _, score) in enumerate(kept):
-            if is_leaf[i]:
-                path = []
-                while i >= 0:
-                    path.append(kept[i][0])
-                    i = kept[i][1]
-                paths.append((path[::-1], score))
-        paths.sort(key=lambda item: (-item[1], item[0]))
-        return paths
+        return kept
 
     @staticmethod
     def _expand(heap: list, nodes: list[_Node], rank: int, depth: int, keep: int) -> None:

@@ -29,6 +29,7 @@ from racer_local.ngram import NgramIndex, topk_rows
 from racer_local.tree import DraftTree
 
 GAP_EDGES = (1.0, 2.0, 4.0)  # logit-gap buckets: how sure the target was
+ANCHOR_EDGES = (2, 4, 8)  # retrieval anchor-score buckets: about how long the match is
 
 
 class CopyLogitTable:
@@ -61,22 +62,30 @@ class CopyLogitTable:
 
 
 class Calibration:
-    """Observed acceptance rate per candidate kind, started from a prior worth a few trials."""
+    """Recent acceptance rate per candidate kind, started from a prior worth a few trials.
+
+    A kind is (logit rank and gap or None, retrieval count bucket or None, depth bucket).
+    Old outcomes fade (DECAY per trial of that kind): text moves between copying and free
+    writing, and the drafts' reliability moves with it.
+    """
 
     PRIOR_WEIGHT = 2.0
+    DECAY = 0.97
 
     def __init__(self) -> None:
         self.counts: dict[tuple, list[float]] = {}
 
     @staticmethod
     def prior(key: tuple) -> float:
-        logit, retrieved = key
+        logit, retrieved, _ = key
         p = 0.0
         if logit is not None:
             rank, gap = logit
             p = (0.35, 0.5, 0.65, 0.8)[gap] if rank == 0 else 0.12 / rank
         if retrieved is not None:
-            p = max(p, (0.3, 0.45, 0.6)[retrieved - 1]) + (0.1 if logit is not None else 0)
+            anchor, best = retrieved
+            q = (0.3, 0.45, 0.65, 0.8)[anchor] * (1.0 if best else 0.4)
+            p = max(p, q) + (0.1 if logit is not None else 0)
         return min(p, 0.95)
 
     def p(self, key: tuple) -> float:
@@ -87,8 +96,8 @@ class Calibration:
 
     def record(self, key: tuple, accepted: bool) -> None:
         got = self.counts.setdefault(key, [self.prior(key) * self.PRIOR_WEIGHT, self.PRIOR_WEIGHT])
-        got[0] += accepted
-        got[1] += 1
+        got[0] = got[0] * self.DECAY + accepted
+        got[1] = got[1] * self.DECAY + 1
 
 
 class Racer(Drafter):
@@ -146,16 +155,29 @@ class Racer(Drafter):
         self._work = time.perf_counter() - start
         return DraftTree.build(root, [path for path, _ in chosen[: size - 1]])
 
-    def _retrieved(self, root: int, budget: int) -> dict[tuple[int, ...], dict[int, int]]:
-        """prefix -> {next token: count bucket} from the n-gram index."""
-        children: dict[tuple[int, ...], dict[int, int]] = {}
+    def _retrieved(self, root: int, budget: int) -> dict[tuple[int, ...], dict[int, tuple]]:
+        """prefix -> {next token: retrieval kind} from the n-gram index.
+
+        A continuation's kind is (how strong its anchor is, is it its siblings' best). The
+        anchor, its depth-1 ancestor, scores about the length of the matched context (each
+        matched suffix adds its count); deeper scores shrink with the window, not with
+        reliability, so they only rank siblings.
+        """
+        children: dict[tuple[int, ...], dict[int, tuple]] = {}
         if not self.use_retrieval or budget <= 0:
             return children
-        for path, score in self.index.retrieve(root, budget):
-            bucket = 1 if score <= 1 else 2 if score == 2 else 3
-            for i, token in enumerate(path):
-                level = children.setdefault(tuple(path[:i]), {})
-                level[token] = max(level.get(token, 0), bucket)
+        nodes = self.index.retrieve_nodes(root, budget)
+        best: dict[int, int] = {}
+        for _, parent, score in nodes:
+            best[parent] = max(best.get(parent, 0), score)
+        paths: list[tuple[int, ...]] = []
+        anchors: list[int] = []
+        for token, parent, score in nodes:
+            prefix = paths[parent] if parent >= 0 else ()
+            anchor = anchors[parent] if parent >= 0 else int(np.searchsorted(ANCHOR_EDGES, score, "right"))
+            paths.append((*prefix, token))
+            anchors.append(anchor)
+            children.setdefault(prefix, {})[token] = (anchor, score == best[parent])
         return children
 
     def _children(self, path, token, retrieved) -> list[tuple[int, tuple]]:
@@ -163,9 +185,10 @@ class Racer(Drafter):
         if self.use_logits and self.table is not None:
             for child, key in self.table.candidates(token):
                 kinds[child] = [key, None]
-        for child, bucket in retrieved.get(path, {}).items():
-            kinds.setdefault(child, [None, None])[1] = bucket
-        return [(child, (lk, rk)) for child, (lk, rk) in kinds.items()]
+        for child, kind in retrieved.get(path, {}).items():
+            kinds.setdefault(child, [None, None])[1] = kind
+        depth = min(len(path) + 1, 3)
+        return [(child, (lk, rk, depth)) for child, (lk, rk) in kinds.items()]
 
     def _best_size(self, probs: list[float]) -> int:
         """Tree size (root included) maximising expected committed tokens per second."""
