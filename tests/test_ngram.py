@@ -236,6 +236,7 @@ def replay(impl, window, max_nodes, min_match, ops):
             index.extend(op[1])
         elif op[0] == "retrieve":
             out.append(index.retrieve(op[1], op[2]))
+            out.append(index.retrieve_nodes(op[1], op[2]))
         else:
             index.reset()
         out.append((len(index), index.node_count))
@@ -280,6 +281,7 @@ def test_c_matches_python_on_a_long_stream_with_eviction(window, max_nodes):
         i += step
         root, budget = (stream[i] if i < len(stream) else 0), int(rng.integers(0, 65))
         assert c.retrieve(root, budget) == py.retrieve(root, budget)
+        assert c.retrieve_nodes(root, budget) == py.retrieve_nodes(root, budget)
         assert c.node_count == py.node_count <= max_nodes
 
 
@@ -413,3 +415,14 @@ def test_ngram_c_under_address_sanitizer(tmp_path):
     assert "Sanitizer" not in run.stderr and "runtime error" not in run.stderr, run.stderr[-4000:]
     assert run.returncode == 0, run.stderr[-4000:]
     assert run.stdout == python_transcript(params, ops)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_retrieve_nodes_scores_every_kept_node(impl):
+    index = impl(window=10, max_nodes=1000)
+    index.extend(list(range(1, 21)) + [1, 2, 3, 4, 5])
+    # The matched suffixes [5,6] .. [1..5,6] each count the copy once; the window cuts the
+    # deeper borders' continuations, so the scores fall with depth.
+    assert index.retrieve_nodes(6, 16) == [
+        (7, -1, 5), (8, 0, 5), (9, 1, 5), (10, 2, 5), (11, 3, 4), (12, 4, 3), (13, 5, 2), (14, 6, 1)
+    ]
