@@ -253,7 +253,8 @@ class Backend:
                 raise DecodeError("generation was cancelled", cancelled=True)
             chunk = tokens[lo : lo + self.n_batch]
             tail = max(0, n_logits - (len(tokens) - lo - len(chunk)))  # rows due in this chunk
-            out = self.decode(chunk, range(start + lo, start + lo + len(chunk)), n_logits=min(tail, len(chunk)))
+            positions = range(start + lo, start + lo + len(chunk))
+            out = self.decode(chunk, positions, n_logits=min(tail, len(chunk)))
             if len(out):
                 rows = np.concatenate([rows, out]) if len(rows) else out.copy()
         return rows[-n_logits:] if n_logits else rows

@@ -50,7 +50,7 @@ def speculate(
                 return
             tree = drafter.propose(root, room).limit(room, max_tokens - produced - 1)
             if tree.tokens[0] != root:
-                raise ValueError(f"drafter {drafter.name!r} proposed a tree whose root is not the target's token")
+                raise ValueError(f"drafter {drafter.name!r} proposed a root that is not the target's token")
             rows = _verify(backend, tree, n_past)
             path, root = walk(tree, rows, choose)
             tokens = [tree.tokens[i] for i in path]

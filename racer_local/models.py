@@ -11,10 +11,11 @@ import hashlib
 import importlib
 import importlib.util
 import os
-import tomllib
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
+
+import tomllib
 
 from racer_local.errors import ModelError
 

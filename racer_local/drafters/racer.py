@@ -114,12 +114,15 @@ class Racer(Drafter):
         max_index_nodes: int = 100_000,
         prompt_rows: int = 16,
         max_nodes: int = 32,
+        keep_state: bool = False,
     ) -> None:
         self.cost = cost
         self.use_retrieval, self.use_logits = retrieval, logits
         self.top_k, self.max_nodes = top_k, max_nodes
         self.prefill_rows = prompt_rows if logits else 1
         self.index = NgramIndex(window=window, max_nodes=max_index_nodes)
+        self.keep_state = keep_state
+        self._seen: list[int] = []  # the context indexed so far: prompt and committed tokens
         self.table: CopyLogitTable | None = None
         self.calibration = Calibration()
         self._keys: dict[tuple[int, ...], tuple] = {}  # draft path -> its candidate kind
@@ -127,9 +130,19 @@ class Racer(Drafter):
         self._work = 0.0
 
     def begin(self, context: Sequence[int], rows: np.ndarray) -> None:
-        self.index.reset()
-        self.index.extend(context)
-        self.table = CopyLogitTable(rows.shape[1], self.top_k)
+        """Index the context. A drafter kept across requests (a chat session) only indexes
+        what follows the previous context, and keeps its table and calibration."""
+        seen = self._seen
+        if self.keep_state and seen and list(context[: len(seen)]) == seen:
+            self.index.extend(context[len(seen) :])
+        else:  # a first request, or an edited history: start over
+            self.index.reset()
+            self.index.extend(context)
+            self.table = None
+            self.calibration = Calibration()
+        if self.table is None:
+            self.table = CopyLogitTable(rows.shape[1], self.top_k)
+        self._seen = list(context)
         if self.use_logits:
             self.table.update(context[len(context) - len(rows) :], rows)
 
@@ -211,7 +224,9 @@ class Racer(Drafter):
         self._keys.clear()
         if self.use_logits:
             self.table.update(tree.tokens, rows)
-        self.index.extend([tree.tokens[i] for i in path])
+        accepted = [tree.tokens[i] for i in path]
+        self.index.extend(accepted)
+        self._seen += accepted
         self._work += time.perf_counter() - start
         self._overhead = 0.9 * self._overhead + 0.1 * self._work
 
