@@ -119,7 +119,7 @@ class Racer(Drafter):
         self.cost = cost
         self.use_retrieval, self.use_logits = retrieval, logits
         self.top_k, self.max_nodes = top_k, max_nodes
-        self.prefill_rows = prompt_rows if logits else 1
+        self.prefill_rows = max(1, prompt_rows) if logits else 1
         self.index = NgramIndex(window=window, max_nodes=max_index_nodes)
         self.keep_state = keep_state
         self._seen: list[int] = []  # the context indexed so far: prompt and committed tokens
