@@ -72,7 +72,12 @@ _memo: dict[str, CostCurve] = {}
 
 
 def cached(backend: Backend) -> CostCurve:
-    """The curve for this model, threads and offload, measured on first use and kept on disk."""
+    """The curve for this model, threads and offload, measured on first use and kept on disk.
+
+    A curve measured while the machine was busy can have the wrong shape, and every later
+    run would size its trees by it; so a cached curve that was measured busy, or that is
+    impossible (N tokens cheaper than one), is measured again when the machine is quiet.
+    """
     import llama_cpp
 
     st = backend.model_path.stat()
@@ -85,9 +90,26 @@ def cached(backend: Backend) -> CostCurve:
     try:
         data = json.loads(path.read_text())
         curve = CostCurve(tuple(data["sizes"]), tuple(data["seconds"]))
+        stale = not plausible(curve) or (data.get("busy", True) and not _busy())
     except (OSError, ValueError, KeyError):
+        curve, stale = None, True
+    if stale:
+        busy = _busy()
         curve = measure(backend)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"key": key, **curve.to_dict()}))
+        path.write_text(json.dumps({"key": key, "busy": busy or _busy(), **curve.to_dict()}))
     _memo[key] = curve
     return curve
+
+
+def plausible(curve: CostCurve) -> bool:
+    """Verifying N > 1 tokens can never be cheaper than verifying one."""
+    return all(s >= curve.seconds[0] for s in curve.seconds[1:])
+
+
+def _busy() -> bool:
+    """Other work is running: the 1-minute load is above a quarter of the cores."""
+    try:
+        return os.getloadavg()[0] > 0.25 * (os.cpu_count() or 1)
+    except OSError:  # no load average on this platform
+        return False

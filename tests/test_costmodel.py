@@ -1,0 +1,61 @@
+"""The cost curve: interpolation, plausibility, and a cache that does not keep bad curves."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from racer_local import costmodel
+from racer_local.costmodel import CostCurve
+
+
+def test_time_interpolates_between_and_extrapolates_beyond_measured_sizes():
+    curve = CostCurve((1, 2, 4), (0.010, 0.020, 0.030))
+    assert curve.time(3) == pytest.approx(0.025)
+    assert curve.time(6) == pytest.approx(0.040)  # the last segment's slope, continued
+    assert curve.relative(4) == pytest.approx(3.0)
+
+
+def test_a_curve_cheaper_at_n_than_at_one_is_implausible():
+    assert costmodel.plausible(CostCurve((1, 2, 8), (0.01, 0.02, 0.03)))
+    assert not costmodel.plausible(CostCurve((1, 2, 8), (0.01, 0.02, 0.005)))
+
+
+@pytest.fixture
+def fake_backend(tmp_path, monkeypatch):
+    monkeypatch.setenv("RACER_LOCAL_HOME", str(tmp_path))
+    monkeypatch.setattr(costmodel, "_memo", {})
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    measured = []
+
+    def measure(backend):
+        measured.append(1)
+        return CostCurve((1, 2), (0.01, 0.02))
+
+    monkeypatch.setattr(costmodel, "measure", measure)
+    backend = SimpleNamespace(model_path=model, n_threads=2, n_gpu_layers=0, n_batch=512)
+    return backend, measured
+
+
+def test_the_curve_is_measured_once_then_read_from_disk(fake_backend, monkeypatch):
+    backend, measured = fake_backend
+    monkeypatch.setattr(costmodel, "_busy", lambda: False)
+    assert costmodel.cached(backend).seconds == (0.01, 0.02)
+    costmodel._memo.clear()
+    assert costmodel.cached(backend).seconds == (0.01, 0.02)
+    assert len(measured) == 1
+
+
+@pytest.mark.parametrize("busy_then, seconds", [(True, [0.01, 0.02]), (False, [0.01, 0.001])])
+def test_a_busy_or_implausible_cached_curve_is_measured_again(fake_backend, monkeypatch, busy_then, seconds):
+    backend, measured = fake_backend
+    monkeypatch.setattr(costmodel, "_busy", lambda: False)
+    costmodel.cached(backend)
+    (path,) = (costmodel.cache_dir() / "costs").iterdir()
+    path.write_text(json.dumps({"busy": busy_then, "sizes": [1, 2], "seconds": seconds}))
+    costmodel._memo.clear()
+    costmodel.cached(backend)
+    assert len(measured) == 2
