@@ -3,17 +3,18 @@
     from racer_local import Engine
     with Engine() as engine:            # the embedded gemma-3-270m model
         print(engine.generate("Once upon a time", max_tokens=64).text)
+        reply = engine.chat([{"role": "user", "content": "Hi!"}], max_tokens=64)
 """
 
 from racer_local.errors import ContextFullError, DecodeError, ModelError, RacerError
 
-__all__ = ["Engine", "Completion", "Chunk", "Stats", "RacerError", "ModelError",
-           "ContextFullError", "DecodeError"]
+__all__ = ["Engine", "GenerationOptions", "Completion", "Chunk", "Stats", "RacerError", "ModelError",
+           "ContextFullError", "DecodeError", "EngineBusyError"]
 
 
 def __getattr__(name):
     # Lazy: importing the engine loads llama.cpp, which the CLI's --help does not need.
-    if name in ("Engine", "Completion", "Chunk", "EngineBusyError"):
+    if name in ("Engine", "GenerationOptions", "Completion", "Chunk", "EngineBusyError"):
         from racer_local import engine
 
         return getattr(engine, name)

@@ -148,6 +148,22 @@ class Backend:
         raw = ll.llama_model_chat_template(self._model, None)
         return raw.decode("utf-8") if raw else None
 
+    def apply_chat_template(self, messages: Sequence[tuple[str, str]], template: str) -> str | None:
+        """(role, content) pairs as prompt text in llama.cpp's built-in chat format detected from
+        `template` (a Jinja template or a name such as "chatml"), the assistant's turn opened.
+        None if llama.cpp does not recognise the template."""
+        encoded = [(role.encode(), content.encode()) for role, content in messages]
+        chat = (ll.llama_chat_message * len(encoded))(*(ll.llama_chat_message(r, c) for r, c in encoded))
+        size = 2 * sum(len(r) + len(c) for r, c in encoded) + 1024
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = ll.llama_chat_apply_template(template.encode(), chat, len(encoded), True, buf, size)
+            if n < 0:
+                return None
+            if n <= size:
+                return buf.raw[:n].decode("utf-8", "replace")
+            size = n  # the buffer was too small: n is the length needed
+
     @property
     def bos(self) -> int:
         return ll.llama_vocab_bos(self._vocab)

@@ -1,19 +1,26 @@
-"""Benchmark prompts: the public evaluation sets read in their own formats, and chat formatting.
+"""What the benchmark runs: prompt suites, chat formatting, and the methods that generate.
 
 Suites: Spec-Bench (question.jsonl: categories, multi-turn `turns`), HumanEval (jsonl, wrapped
 as "Implement the following code.\\n<prompt>" as speed benchmarks do) and MGSM Chinese
 (question<TAB>answer). The files are never copied into this repository: they are read from a
-directory (see `find_data_dir`). Nothing here loads a model.
+directory (see `find_data_dir`). Methods: every drafter through the shared Engine, and the
+peer llama-cpp-python-pld; each turns prompt ids into a timed Turn, stopping only at the end
+of generation or the token limit (no chat stop strings), alike for all. How runs are
+scheduled, compared and reported is bench.py's business.
 """
 
 from __future__ import annotations
 
-import ctypes
 import gzip
 import json
 import os
-from dataclasses import dataclass
+import shutil
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from racer_local.drafters import DRAFTERS
+from racer_local.stats import Stats
 
 SUITES = ("specbench", "humaneval", "mgsm-zh")
 ENV_DATA = "RACER_LOCAL_BENCH_DATA"
@@ -128,39 +135,162 @@ def _spread(prompts: list[Prompt], limit: int | None) -> list[Prompt]:
 
 # ----- chat formatting ----------------------------------------------------------------------
 
-GEMMA_TURNS = ("<start_of_turn>{role}\n{text}<end_of_turn>\n", "<start_of_turn>model\n")
+
+def chat_tokens(engine, messages: list[tuple[str, str]]) -> list[int]:
+    """Prompt token ids for (role, text) turns ending where the assistant speaks next, exactly as
+    Engine.chat sends them: the engine's chat format (templates.py: the GGUF's own template,
+    else Gemma turns for Gemma models, else a plain transcript) and its BOS handling."""
+    return engine._tokenize_chat(engine.chat_format.render(messages))
 
 
-def format_chat(backend, messages: list[tuple[str, str]]) -> str:
-    """The text of a conversation ending where the assistant speaks next.
+def reply_text(engine, text: str) -> str:
+    """A generated answer as the next turn's history: cut at the chat format's first stop string
+    (generations here do not stop at them, so a base model may run on into a made-up turn)."""
+    cuts = [i for i in (text.find(s) for s in engine.chat_format.stop) if i >= 0]
+    return text[: min(cuts)] if cuts else text
 
-    `messages` are (role, text) with roles "user" and "assistant". The model's own chat template
-    (applied by llama.cpp) when the GGUF has one; else Gemma's turn format for Gemma
-    architectures (the embedded gemma-3-270m base model ships without a template); else the
-    turns as plain text, one per paragraph. `backend` needs `chat_template` and `meta(key)`.
+
+# ----- methods ------------------------------------------------------------------------------
+
+BASELINE = "ar"
+LCP_PLD = "llama-cpp-python-pld"
+CPP_NGRAM = "llama.cpp-ngram"  # prefix of the llama.cpp C++ peers' method names
+
+
+@dataclass
+class Turn:
+    """One generation: what a method produced for one prompt text, and how fast."""
+
+    stats: Stats
+    tokens: list[int]
+    text: str
+    finish_reason: str
+    prompt: list[int] = field(repr=False)  # prompt token ids, kept for the near-tie check
+
+
+class EngineMethod:
+    """A drafter from racer_local.drafters, run through the shared Engine."""
+
+    def __init__(self, engine, method: str) -> None:
+        self.engine, self.method = engine, method
+
+    def generate(self, prompt: list[int], max_tokens: int, sampling: dict) -> Turn:
+        self.engine.reset()  # cold prefill for every method alike
+        c = self.engine.generate(prompt, max_tokens=max_tokens, method=self.method, **sampling)
+        return Turn(c.stats, c.tokens, c.text, c.finish_reason, prompt)
+
+    def close(self) -> None:
+        pass
+
+
+class LlamaCppPythonPLD:
+    """llama-cpp-python's own speculative path: Llama(draft_model=LlamaPromptLookupDecoding).
+
+    Same model file, context, batch and threads as the Engine. Timed like the Engine: prefill
+    ends when the first token is known; decode covers the forward passes over the N generated
+    tokens, i.e. until the (N+1)-th token is known (that one is not counted).
     """
-    template = backend.chat_template
-    if template:
-        return _apply_template(template, messages)
-    if (backend.meta("general.architecture") or "").startswith("gemma"):
-        turn, reply = GEMMA_TURNS
-        roles = {"user": "user", "assistant": "model"}
-        return "".join(turn.format(role=roles[r], text=t) for r, t in messages) + reply
-    return "".join(f"{t}\n\n" for _, t in messages)
+
+    def __init__(self, engine, repeat_last_n: int = 64) -> None:
+        from llama_cpp import Llama
+        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+        b = self.backend = engine.backend
+        self.llm = Llama(str(engine.model_path), n_ctx=b.n_ctx, n_batch=b.n_batch,
+                         n_threads=b.n_threads, n_threads_batch=b.n_threads,
+                         n_gpu_layers=b.n_gpu_layers, logits_all=True, verbose=False,
+                         last_n_tokens_size=repeat_last_n,
+                         draft_model=LlamaPromptLookupDecoding(num_pred_tokens=10))
+        self.evals: list[int] = []  # batch size of every llm.eval call
+        real_eval = self.llm.eval
+
+        def counted_eval(tokens):
+            self.evals.append(len(tokens))
+            return real_eval(tokens)
+
+        self.llm.eval = counted_eval
+
+    def generate(self, prompt: list[int], max_tokens: int, sampling: dict) -> Turn:
+        llm, is_eog = self.llm, self.backend.is_eog
+        llm.reset()  # n_tokens = 0: the next eval clears the KV cache, a cold prefill
+        if sampling.get("seed") is not None:
+            llm.set_seed(sampling["seed"])
+        self.evals.clear()
+        tokens: list[int] = []
+        t0 = time.perf_counter()
+        gen = llm.generate(prompt, temp=sampling.get("temperature", 0.0),
+                           top_k=sampling.get("top_k", 0), top_p=sampling.get("top_p", 1.0),
+                           min_p=sampling.get("min_p", 0.0),
+                           repeat_penalty=sampling.get("repeat_penalty", 1.0))
+        try:
+            token = next(gen)
+            t1 = time.perf_counter()
+            n_prefill = len(self.evals)
+            while True:
+                tokens.append(token)
+                if is_eog(token) or len(tokens) > max_tokens:
+                    break
+                token = next(gen)
+            t2 = time.perf_counter()
+        finally:
+            gen.close()
+        tokens = tokens[:max_tokens]  # drop the (N+1)-th token, read only to time the N-th
+        finish = "stop" if is_eog(tokens[-1]) else "length"
+        decoded = self.evals[n_prefill:]
+        stats = Stats(prompt_tokens=len(prompt), generated_tokens=len(tokens), prefill_s=t1 - t0,
+                      decode_s=t2 - t1, steps=len(decoded), drafted=sum(n - 1 for n in decoded))
+        stats.accepted = max(0, stats.generated_tokens - stats.steps)
+        text = self.backend.detokenize(tokens[:-1] if finish == "stop" else tokens)
+        return Turn(stats, tokens, text, finish, prompt)
+
+    def close(self) -> None:
+        self.llm.close()
 
 
-def _apply_template(template: str, messages: list[tuple[str, str]]) -> str:
-    import llama_cpp as ll
+class Unavailable:
+    """Stands in for a method that could not start: every generation reports why."""
 
-    keep = [(r.encode(), t.encode()) for r, t in messages]  # alive while llama.cpp reads them
-    chat = (ll.llama_chat_message * len(keep))(*[ll.llama_chat_message(r, t) for r, t in keep])
-    size = 4 * sum(len(r) + len(t) for r, t in keep) + 1024
-    for _ in range(2):
-        buf = ctypes.create_string_buffer(size)
-        n = ll.llama_chat_apply_template(template.encode(), chat, len(keep), True, buf, size)
-        if n < 0:
-            raise ValueError("llama.cpp does not recognise this model's chat template")
-        if n <= size:
-            return buf.raw[:n].decode("utf-8", "replace")
-        size = n + 1  # too small: n is the size needed
-    raise AssertionError("unreachable")
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+    def generate(self, *args, **kwargs) -> Turn:
+        raise RuntimeError(self.error)
+
+    def close(self) -> None:
+        pass
+
+
+def known_method(name: str) -> bool:
+    return name in DRAFTERS or name == LCP_PLD or name.startswith(CPP_NGRAM)
+
+
+def make_method(engine, method: str, sampling: dict):
+    if method in DRAFTERS:
+        return EngineMethod(engine, method)
+    if method == LCP_PLD:
+        try:
+            return LlamaCppPythonPLD(engine, sampling.get("repeat_last_n", 64))
+        except Exception as e:  # reported as this method's failure on every prompt
+            return Unavailable(f"could not start: {type(e).__name__}: {e}")
+    raise ValueError(f"unknown method {method!r}")
+
+
+def labels_for(methods: list[str]) -> list[tuple[str, str]]:
+    """(label, method) pairs with `ar` first; a repeated method gets a numbered label (ar#2)."""
+    if BASELINE not in methods:
+        methods = [BASELINE, *methods]
+    seen: dict[str, int] = {}
+    out = []
+    for m in methods:
+        seen[m] = seen.get(m, 0) + 1
+        out.append((m if seen[m] == 1 else f"{m}#{seen[m]}", m))
+    out.sort(key=lambda pair: pair[0] != BASELINE)
+    return out
+
+
+def cpp_peer_status() -> str:
+    """Why llama.cpp's C++ n-gram modes are not in this run."""
+    found = [p for p in (shutil.which("llama-server"), shutil.which("llama-lookup")) if p]
+    if not found:
+        return "not found: neither llama-server nor llama-lookup is on PATH"
+    return f"found {', '.join(found)}, but driving llama.cpp's binaries is not implemented yet"

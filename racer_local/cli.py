@@ -5,12 +5,16 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from dataclasses import fields
 
 import click
 
 from racer_local.drafters import DRAFTERS
 from racer_local.errors import RacerError
+from racer_local.sampling import Sampler
 from racer_local.stats import Stats
+
+SAMPLING = {f.name: f.default for f in fields(Sampler) if f.init}  # the library's defaults
 
 
 def _friendly_errors(fn):
@@ -45,6 +49,31 @@ def model_options(fn):
     return fn
 
 
+def sampling_options(fn):
+    """Sampling options, identical for every method; the defaults are the library's (greedy)."""
+    for option in reversed(
+        [
+            click.option("-t", "--temperature", type=click.FloatRange(min=0),
+                         default=SAMPLING["temperature"], show_default=True, help="0 is greedy."),
+            click.option("--top-k", type=click.IntRange(min=0), default=SAMPLING["top_k"],
+                         show_default=True, help="Keep the k most likely tokens (0: off)."),
+            click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=SAMPLING["top_p"],
+                         show_default=True, help="Keep the most likely tokens up to this mass (1: off)."),
+            click.option("--min-p", type=click.FloatRange(0, 1, max_open=True), default=SAMPLING["min_p"],
+                         show_default=True, help="Drop tokens below this fraction of the best one's "
+                                                 "probability (0: off)."),
+            click.option("--repeat-penalty", type=click.FloatRange(min=0, min_open=True),
+                         default=SAMPLING["repeat_penalty"], show_default=True,
+                         help="Penalise tokens seen in the last --repeat-last-n tokens (1: off)."),
+            click.option("--repeat-last-n", type=click.IntRange(min=0), default=SAMPLING["repeat_last_n"],
+                         show_default=True, help="Window of the repeat penalty, in tokens."),
+            click.option("--seed", type=int, help="Random seed for sampling (same seed, same output)."),
+        ]
+    ):
+        fn = option(fn)
+    return fn
+
+
 def _engine(model, threads, n_ctx, n_gpu_layers):
     from racer_local.engine import Engine  # imports llama.cpp: keep `--help` fast
 
@@ -63,15 +92,13 @@ def main():
 @click.option("-n", "--max-tokens", type=int, default=256, show_default=True, help="Tokens to generate.")
 @click.option("--method", type=click.Choice(list(DRAFTERS)), default="racer", show_default=True,
               help="Drafting method; `ar` is plain decoding.")
-@click.option("-t", "--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              help="0 is greedy.")
-@click.option("--seed", type=int, help="Random seed for sampling.")
+@sampling_options
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming.")
 @click.option("--compare", is_flag=True, help="Also run `ar` on the prompt and report the speedup.")
 @_friendly_errors
-def generate(prompt, model, threads, n_ctx, n_gpu_layers, max_tokens, method, temperature, seed,
-             stop, as_json, compare):
+def generate(prompt, model, threads, n_ctx, n_gpu_layers, max_tokens, method, stop, as_json, compare,
+             **sampling):
     """Generate a continuation of PROMPT ('-' reads it from stdin)."""
     if max_tokens < 1:
         raise click.ClickException(f"--max-tokens must be at least 1, got {max_tokens}")
@@ -79,7 +106,7 @@ def generate(prompt, model, threads, n_ctx, n_gpu_layers, max_tokens, method, te
         prompt = sys.stdin.read()
     if not prompt.strip():
         raise click.ClickException("the prompt is empty: give some text to continue")
-    options = dict(max_tokens=max_tokens, temperature=temperature, seed=seed, stop=stop)
+    options = dict(max_tokens=max_tokens, stop=stop, **sampling)
     with _engine(model, threads, n_ctx, n_gpu_layers) as engine:
         baseline = None
         if compare:
@@ -113,33 +140,74 @@ def _speedup(stats: Stats, base: Stats) -> float:
     return stats.tokens_per_s / base.tokens_per_s if base.tokens_per_s else 0.0
 
 
+@main.command()
+@model_options
+@click.option("-s", "--system", help="System prompt.")
+@click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Most tokens per reply.")
+@click.option("--method", type=click.Choice(list(DRAFTERS)), default="racer", show_default=True,
+              help="Drafting method; `ar` is plain decoding.")
+@sampling_options
+@click.option("--format", "chat_format", type=click.Choice(["auto", "gguf", "gemma", "plain"]),
+              default="auto", show_default=True,
+              help="Chat format: auto is the model's template, else Gemma turns for instruction-tuned "
+                   "Gemma, else a plain User:/Assistant: transcript.")
+@click.option("--no-truncate", is_flag=True,
+              help="Refuse a message that overflows the context instead of dropping the oldest turns.")
+@click.option("--stats", "show_stats", is_flag=True, help="Print stats after every reply.")
+@_friendly_errors
+def chat(model, threads, n_ctx, n_gpu_layers, system, max_tokens, method, chat_format, no_truncate,
+         show_stats, **sampling):
+    """Chat with a model in the terminal, replies streamed (/help lists the commands)."""
+    from racer_local.chat import ChatSession, banner
+
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    with _engine(model, threads, n_ctx, n_gpu_layers) as engine:
+        engine.chat_format = chat_format
+        click.echo(banner(engine, method))
+        session = ChatSession(engine, system=system, show_stats=show_stats,
+                              truncate=None if no_truncate else "oldest",
+                              options=dict(max_tokens=max_tokens, method=method, **sampling))
+        session.run()
+
+
 @main.command("models")
 @_friendly_errors
 def list_models():
-    """List the models in models.toml and whether each is on this machine."""
-    from racer_local.models import is_present, load_registry
+    """List the registry's models and whether each is on this machine (* marks the default)."""
+    from racer_local.models import ENV_REGISTRY, is_present, load_registry
 
     default, entries = load_registry()
+    click.echo(f"  {'NAME':24} {'QUANT':8} {'SIZE':>8}  {'STATUS':14}  DESCRIPTION")
     for name, e in entries.items():
-        mark = "present" if is_present(e) else "not downloaded"
+        if e.package:
+            mark = "embedded" if is_present(e) else "not installed"
+        else:
+            mark = "present" if is_present(e) else "not downloaded"
         star = "*" if name == default else " "
-        click.echo(f"{star} {name:24} {e.quantization:8} {e.size_mb:>6} MB  {mark:14}  {e.description}")
+        click.echo(f"{star} {name:24} {e.quantization:8} {e.size_mb:>5} MB  {mark:14}  {e.description}")
+    click.echo(f"\n`racer-local pull NAME` downloads one; `--model NAME` uses it. Add models in a TOML "
+               f"file named by {ENV_REGISTRY}.")
 
 
 @main.command()
 @click.argument("name")
 @_friendly_errors
 def pull(name):
-    """Download model NAME from models.toml (resumable, sha256-checked where known)."""
+    """Download model NAME from the registry into the Hugging Face cache, resumably, and verify
+    its sha256 (the registry's, else the hub's); prints the file's path."""
     from racer_local.models import load_registry
     from racer_local.models import pull as pull_model
 
     _, entries = load_registry()
     if name not in entries:
         raise click.BadParameter(f"unknown model {name!r}; see `racer-local models`", param_hint="NAME")
-    click.echo(pull_model(entries[name]))
+    path = pull_model(entries[name])
+    click.echo(f"{name}: verified, at {path}", err=True)
+    click.echo(path)
 
 
-from racer_local.bench import bench  # noqa: E402  (last: bench.py imports the option helpers above)
-
-main.add_command(bench)
+import racer_local.bench  # noqa: E402, F401  (adds `bench` to main; it imports the helpers above)

@@ -1,31 +1,78 @@
-"""The public API: an Engine owns one model and turns prompts into streamed text and stats.
+"""The public API: an Engine owns one model and turns prompts or chats into streamed text and stats.
 
-Data flows one way: prompt -> tokens -> prefill (reusing the cached common prefix) ->
-decode.speculate -> text.TextStream -> Chunk records. `generate` is `stream` collected.
-One engine runs one generation at a time; a second concurrent call raises EngineBusyError.
+Data flows one way: prompt (or messages -> templates) -> tokens -> prefill (reusing the cached
+common prefix) -> decode.speculate -> text.TextStream -> Chunk records. `generate` is `stream`
+collected, `chat` is `stream_chat` collected.
+
+Threads: one engine runs one generation at a time; a second concurrent call raises
+EngineBusyError instead of waiting. `cancel()` may be called from any thread (an app's Stop
+button): every stream requested and not finished (the running one, or one not started yet)
+ends after its current forward pass with finish_reason "cancelled"; the engine stays usable.
+
+Chat sessions: the caller passes the whole conversation each time (OpenAI style). Turns reuse
+the KV cache of the previous ones (only the tokens after the longest common prefix are
+evaluated), and each method's drafter is kept across turns until reset().
+
+Context full: `stream` refuses a prompt that does not fit. `stream_chat` needs room for the
+conversation plus max_tokens of reply; if it lacks it, it raises ContextFullError, or with
+truncate="oldest" drops the oldest turns (never the system messages or the last user message)
+until it fits.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+import weakref
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from racer_local import templates
 from racer_local.backend import Backend
 from racer_local.decode import speculate
 from racer_local.drafters import make_drafter
+from racer_local.drafters.base import Drafter
 from racer_local.errors import ContextFullError, DecodeError, RacerError
 from racer_local.models import resolve_model
 from racer_local.sampling import Sampler
 from racer_local.stats import Stats
 from racer_local.text import TextStream
 
+TRUNCATE = (None, "oldest")
+
 
 class EngineBusyError(RacerError):
     """The engine is already generating (from another thread or an unfinished stream)."""
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """How to generate. Every method samples identically; the defaults are greedy decoding."""
+
+    max_tokens: int = 256
+    method: str = "racer"  # a drafter name (racer_local.drafters.DRAFTERS); "ar" is plain decoding
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    min_p: float = 0.0  # 0 = off
+    repeat_penalty: float = 1.0  # 1 = off; over the last repeat_last_n tokens, as llama.cpp does
+    repeat_last_n: int = 64  # llama.cpp's default window
+    seed: int | None = None  # same seed, same method, same prompt: same output
+    stop: Sequence[str] = ()  # strings that end the generation (not included in the text)
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if isinstance(self.stop, str):  # one stop string, not one per character
+            object.__setattr__(self, "stop", (self.stop,))
+
+    def sampler(self, context: Sequence[int]) -> Sampler:
+        fields = asdict(self)
+        for name in ("max_tokens", "method", "stop"):
+            del fields[name]
+        return Sampler(**fields, context=context)
 
 
 @dataclass
@@ -35,7 +82,7 @@ class Chunk:
     text: str
     tokens: list[int] = field(default_factory=list)
     stats: Stats | None = None
-    finish_reason: str | None = None  # "stop" (EOS or stop string), "length", "cancelled"
+    finish_reason: str | None = None  # "stop" (end of generation or stop string), "length", "cancelled"
 
 
 @dataclass
@@ -55,11 +102,16 @@ class Engine:
         n_gpu_layers: int = 0,
         threads: int | None = None,
     ) -> None:
+        """Load `model`: a .gguf path, a name from models.toml, or None for the embedded model.
+        n_gpu_layers offloads layers to a GPU build of llama.cpp (-1: all); 0 is CPU only."""
         self.model_path = resolve_model(model)
         self.backend = Backend(self.model_path, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=n_gpu_layers)
         self._busy = threading.Lock()
-        self._cancel = threading.Event()
+        self._streams = weakref.WeakSet()  # the cancel flags of streams requested, not finished
+        self._streams_lock = threading.Lock()
         self._cached: list[int] = []  # the tokens sequence 0 of the KV cache holds
+        self._session: dict[str, Drafter] = {}  # chat drafters by method, kept across turns
+        self._format: templates.ChatFormat | None = None
 
     def close(self) -> None:
         self.backend.close()
@@ -71,41 +123,53 @@ class Engine:
         self.close()
 
     def cancel(self) -> None:
-        """Stop the running generation soon (safe from any thread); it ends 'cancelled'."""
-        self._cancel.set()
+        """Stop every stream requested and not finished, running or not started yet, after its
+        current forward pass (safe from any thread); each ends with finish_reason "cancelled".
+        Streams requested afterwards are not affected."""
+        with self._streams_lock:
+            flags = list(self._streams)
+        for flag in flags:
+            flag.set()
+
+    def _cancel_flag(self) -> threading.Event:
+        flag = threading.Event()
+        with self._streams_lock:
+            self._streams.add(flag)
+        return flag
 
     def reset(self) -> None:
-        """Forget the KV cache, so the next prompt is evaluated from scratch."""
+        """Forget the KV cache and the chat session's drafter state: the next request starts cold."""
         with self._exclusive():
             self.backend.clear()
             self._cached = []
+            self._session.clear()
 
     def tokenize(self, prompt: str) -> list[int]:
         return self.backend.tokenize(prompt)
 
-    def generate(self, prompt: str | Sequence[int], **options) -> Completion:
-        text, tokens = [], []
-        for chunk in self.stream(prompt, **options):
-            text.append(chunk.text)
-            tokens.extend(chunk.tokens)
-        return Completion("".join(text), tokens, chunk.stats, chunk.finish_reason)
+    @property
+    def chat_format(self) -> templates.ChatFormat:
+        """How chat messages become prompt text for this model (see templates.py). Assign a
+        name ("auto", "gguf", "gemma", "plain") to choose another."""
+        if self._format is None:
+            self._format = templates.for_backend(self.backend)
+        return self._format
 
-    def stream(
-        self,
-        prompt: str | Sequence[int],
-        *,
-        max_tokens: int = 256,
-        method: str = "racer",
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        min_p: float = 0.0,
-        seed: int | None = None,
-        stop: Sequence[str] = (),
-    ) -> Iterator[Chunk]:
-        """Generate from `prompt` (text, or token ids) and yield text as it becomes final."""
-        if max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+    @chat_format.setter
+    def chat_format(self, name: str) -> None:
+        self._format = templates.for_backend(self.backend, name)
+
+    # ----- plain prompts ----------------------------------------------------------------------
+
+    def generate(self, prompt: str | Sequence[int], **options) -> Completion:
+        """`stream` collected into one Completion. Options: see GenerationOptions."""
+        return _collect(self.stream(prompt, **options))
+
+    def stream(self, prompt: str | Sequence[int], **options) -> Iterator[Chunk]:
+        """Continue `prompt` (text, or token ids), yielding text as it becomes final (UTF-8 safe,
+        stop strings held back); the last chunk carries the stats. Options: see GenerationOptions."""
+        cancelled = self._cancel_flag()  # from here on, cancel() stops this stream
+        opts = GenerationOptions(**options)
         tokens = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         if not tokens or (isinstance(prompt, str) and not prompt.strip()):
             raise ValueError("the prompt is empty")
@@ -114,18 +178,82 @@ class Engine:
                 f"the prompt has {len(tokens)} tokens but the context holds {self.backend.n_ctx}; "
                 "shorten the prompt or raise n_ctx"
             )
-        drafter = make_drafter(method, self.backend)
-        choose = Sampler(temperature, top_k, top_p, min_p, seed)
-        text = TextStream(stop)
-        return self._run(tokens, drafter, choose, text, max_tokens)
+        return self._run(tokens, opts, make_drafter(opts.method, self.backend), cancelled)
 
-    def _run(self, tokens, drafter, choose, text, max_tokens) -> Iterator[Chunk]:
-        with self._exclusive():
-            self._cancel.clear()
+    # ----- chat -------------------------------------------------------------------------------
+
+    def chat(self, messages: Sequence[Mapping], *, truncate: str | None = None, **options) -> Completion:
+        """`stream_chat` collected into one Completion."""
+        return _collect(self.stream_chat(messages, truncate=truncate, **options))
+
+    def stream_chat(
+        self, messages: Sequence[Mapping], *, truncate: str | None = None, **options
+    ) -> Iterator[Chunk]:
+        """Stream the assistant's reply to OpenAI-style `messages` (the whole conversation so far).
+
+        The conversation plus max_tokens must fit in the context: if not, ContextFullError, or
+        with truncate="oldest" the oldest turns are dropped until it fits. Options: see
+        GenerationOptions.
+        """
+        cancelled = self._cancel_flag()
+        if truncate not in TRUNCATE:
+            raise ValueError(f"truncate must be None or 'oldest', got {truncate!r}")
+        opts = GenerationOptions(**options)
+        fmt = self.chat_format
+        tokens = self._chat_tokens(templates.normalize(messages), fmt, opts.max_tokens, truncate)
+        stop_tokens = set()
+        for text in fmt.stop_tokens:
+            ids = self.backend.tokenize(text, add_special=False, parse_special=True)
+            if len(ids) == 1:
+                stop_tokens.add(ids[0])
+        drafter = self._session.get(opts.method)
+        if drafter is None:
+            drafter = self._session[opts.method] = make_drafter(opts.method, self.backend, keep_state=True)
+        return self._run(tokens, replace(opts, stop=(*opts.stop, *fmt.stop)), drafter, cancelled, stop_tokens)
+
+    def _chat_tokens(self, messages, fmt, max_tokens: int, truncate: str | None) -> list[int]:
+        n_ctx = self.backend.n_ctx
+        room = n_ctx - max_tokens
+        if room < 1:
+            raise ContextFullError(
+                f"max_tokens={max_tokens} leaves no room for the conversation in a context of "
+                f"{n_ctx} tokens; lower max_tokens or raise n_ctx"
+            )
+        while True:
+            tokens = self._tokenize_chat(fmt.render(messages))
+            if len(tokens) <= room:
+                return tokens
+            shorter = _drop_oldest_turn(messages) if truncate == "oldest" else None
+            if shorter is None:
+                what = "the system prompt and the last message" if truncate else "the conversation"
+                hint = ("" if truncate else ", pass truncate='oldest' to drop the oldest turns")
+                raise ContextFullError(
+                    f"{what} take {len(tokens)} tokens and the reply may take {max_tokens}, but the "
+                    f"context holds {n_ctx}; raise n_ctx, lower max_tokens, start a new conversation{hint}"
+                )
+            messages = shorter
+
+    def _tokenize_chat(self, text: str) -> list[int]:
+        tokens = self.backend.tokenize(text, add_special=True, parse_special=True)
+        bos = self.backend.bos
+        if len(tokens) > 1 and tokens[0] == tokens[1] == bos:  # the template wrote BOS itself
+            tokens = tokens[1:]
+        return tokens
+
+    # ----- the generation loop ----------------------------------------------------------------
+
+    def _run(self, tokens, opts: GenerationOptions, drafter: Drafter, cancelled: threading.Event,
+             stop_tokens=frozenset()) -> Iterator[Chunk]:
+        choose = opts.sampler(tokens)  # validates the sampling options now, not at the first next()
+        text = TextStream(opts.stop)
+        return self._steps(tokens, drafter, choose, text, opts.max_tokens, cancelled, stop_tokens)
+
+    def _steps(self, tokens, drafter, choose, text, max_tokens, cancelled, stop_tokens) -> Iterator[Chunk]:
+        with self._exclusive(), self._finally_forget(cancelled):
             stats = Stats(prompt_tokens=len(tokens))
             t0 = time.perf_counter()
             try:
-                rows = self._prefill(tokens, drafter.prefill_rows)
+                rows = self._prefill(tokens, drafter.prefill_rows, cancelled)
             except DecodeError as e:
                 if not e.cancelled:
                     raise
@@ -149,17 +277,20 @@ class Engine:
                     stats.drafted += step.drafted
                     stats.accepted += len(step.tokens) - 1
                     visible = step.tokens[:-1] if step.eog else step.tokens
+                    cut = next((i for i, t in enumerate(visible) if t in stop_tokens), None)
+                    if cut is not None:
+                        visible = visible[:cut]
                     piece = text.feed(b"".join(self.backend.piece(t) for t in visible))
-                    if step.eog or text.stopped:
+                    if step.eog or text.stopped or cut is not None:
                         finish = "stop"
-                    elif self._cancel.is_set():
+                    elif cancelled.is_set():
                         finish = "cancelled"
                     yield Chunk(piece, step.tokens)
             finally:
                 steps.close()  # rolls the KV cache back to what was committed
             yield Chunk(text.flush(), stats=stats, finish_reason=finish)
 
-    def _prefill(self, tokens: list[int], n_logits: int):
+    def _prefill(self, tokens: list[int], n_logits: int, cancelled: threading.Event):
         """Decode the part of `tokens` not already cached; roll back on failure."""
         keep = 0
         limit = min(len(self._cached), len(tokens) - 1)  # at least one token must be decoded
@@ -168,12 +299,20 @@ class Engine:
         self.backend.seq_rm(0, keep, -1)
         self._cached = tokens[:keep]
         try:
-            rows = self.backend.prefill(tokens[keep:], keep, n_logits=n_logits, interrupt=self._cancel)
+            rows = self.backend.prefill(tokens[keep:], keep, n_logits=n_logits, interrupt=cancelled)
         except BaseException:
             self.backend.seq_rm(0, keep, -1)
             raise
         self._cached = list(tokens)
         return rows
+
+    @contextmanager
+    def _finally_forget(self, flag: threading.Event):
+        try:
+            yield
+        finally:
+            with self._streams_lock:
+                self._streams.discard(flag)
 
     @contextmanager
     def _exclusive(self):
@@ -183,3 +322,23 @@ class Engine:
             yield
         finally:
             self._busy.release()
+
+
+def _collect(chunks: Iterator[Chunk]) -> Completion:
+    text, tokens = [], []
+    for chunk in chunks:
+        text.append(chunk.text)
+        tokens.extend(chunk.tokens)
+    return Completion("".join(text), tokens, chunk.stats, chunk.finish_reason)
+
+
+def _drop_oldest_turn(messages: list[templates.Message]) -> list[templates.Message] | None:
+    """Without the first non-system message and the replies that follow it; None if only the
+    system messages and the last user message are left."""
+    first = next(i for i, (role, _) in enumerate(messages) if role != "system")
+    end = first + 1
+    while end < len(messages) and messages[end][0] != "user":
+        end += 1
+    if end >= len(messages):  # `first` is the last user message
+        return None
+    return messages[:first] + messages[end:]

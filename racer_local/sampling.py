@@ -1,53 +1,137 @@
-"""Choosing a token from a logits row: argmax when greedy, a seeded draw otherwise.
+"""Choosing the target's token from a logits row: argmax when greedy, a seeded draw otherwise.
 
-The same chooser picks the first token after the prompt, walks the draft tree and picks the
-bonus token, so every method (ar included) consumes randomness in the same way.
+One Sampler serves one generation and is shared by every method (`ar` included): it picks the
+first token after the prompt, the token at every node the verification walk visits, and the
+bonus token. Each pick costs exactly one uniform draw, so the i-th generated token always
+comes from the i-th draw. Like llama.cpp's sampler chain, choosing a token also accepts it:
+the walk only asks at nodes it commits, so the sampler's repeat-penalty window is the
+context as it stands at that node, the tree path included.
+
+The transforms follow llama.cpp's order and rules: repeat penalty over the last
+`repeat_last_n` tokens, then top-k, top-p, min-p, then temperature. Left out: frequency and
+presence penalties, DRY, typical-p, XTC, mirostat and grammars.
 """
 
 from __future__ import annotations
 
+import math
+from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+_HEAD = (256, 4096)  # top-p looks for its cut among the best few first, the whole row if need be
+
 
 @dataclass
 class Sampler:
-    temperature: float = 0.0  # 0 = greedy
-    top_k: int = 0  # 0 = whole vocabulary
-    top_p: float = 1.0
-    min_p: float = 0.0
-    seed: int | None = None
+    temperature: float = 0.0  # 0 = greedy: the argmax after the repeat penalty
+    top_k: int = 0  # keep the k most likely tokens; 0 = off
+    top_p: float = 1.0  # keep the fewest most likely tokens whose mass reaches p; 1 = off
+    min_p: float = 0.0  # keep tokens at least min_p times as likely as the best; 0 = off
+    repeat_penalty: float = 1.0  # llama.cpp's rule (divide positive logits, multiply negative); 1 = off
+    repeat_last_n: int = 64  # the penalty window in tokens (llama.cpp's default)
+    seed: int | None = None  # None: a fresh random seed
+    context: Sequence[int] = ()  # the tokens before the first choice (the prompt)
     _rng: np.random.Generator = field(init=False, repr=False)
+    _recent: deque = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.min_p < 1:
             raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
+        if not (self.repeat_penalty > 0 and math.isfinite(self.repeat_penalty)):
+            raise ValueError(f"repeat_penalty must be a finite number > 0, got {self.repeat_penalty}")
+        if self.repeat_last_n < 0:
+            raise ValueError(f"repeat_last_n must be >= 0, got {self.repeat_last_n}")
         self._rng = np.random.default_rng(self.seed)
+        self._recent = deque(self.context, maxlen=self.repeat_last_n)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
     def __call__(self, row: np.ndarray) -> int:
+        """Choose the next token from `row` and take it as committed."""
         if self.greedy:
-            return int(row.argmax())
-        ids = np.argpartition(row, -self.top_k)[-self.top_k :] if self.top_k else np.arange(len(row))
-        logits = row[ids].astype(np.float64) / self.temperature
-        order = np.argsort(-logits, kind="stable")
-        ids, logits = ids[order], logits[order]
-        probs = np.exp(logits - logits[0])
-        probs /= probs.sum()
-        keep = len(probs)
-        if self.top_p < 1:
-            keep = min(keep, int(np.searchsorted(np.cumsum(probs), self.top_p)) + 1)
+            token = int(self._penalized(row).argmax())
+        else:
+            ids, weights = self._weights(row)
+            cdf = np.cumsum(weights, out=weights)
+            i = min(int(np.searchsorted(cdf, self._rng.random() * cdf[-1], side="right")), len(cdf) - 1)
+            token = i if ids is None else int(ids[i])
+        self.accept(token)
+        return token
+
+    def accept(self, token: int) -> None:
+        """Record a token as committed without choosing it (it joins the penalty window)."""
+        self._recent.append(token)
+
+    def distribution(self, row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(token ids, probabilities) that the next non-greedy choice draws from.
+
+        Ids are in draw order: by id when nothing is truncated, else most likely first.
+        """
+        ids, weights = self._weights(row)
+        return (np.arange(len(row)) if ids is None else ids), weights / weights.sum()
+
+    def _weights(self, row: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+        """Unnormalised float64 probabilities, and their ids (None: the whole row, by id)."""
+        logits = self._penalized(row)
+        ids = None
+        if self.top_k or self.top_p < 1 or self.min_p > 0:
+            ids, logits = self._truncated(logits)
+        z = logits.astype(np.float64)
+        z -= z.max()
+        z /= self.temperature
+        return ids, np.exp(z, out=z)
+
+    def _penalized(self, row: np.ndarray) -> np.ndarray:
+        if self.repeat_penalty == 1 or not self._recent:
+            return row
+        ids = np.fromiter(set(self._recent), dtype=np.int64)
+        out = row.copy()  # never write into the caller's row: it may be llama.cpp's buffer
+        vals = out[ids]
+        out[ids] = np.where(vals <= 0, vals * self.repeat_penalty, vals / self.repeat_penalty)
+        return out
+
+    def _truncated(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The survivors of top-k, top-p and min-p, most likely first (ties by id).
+
+        Each filter keeps a prefix of the sorted row, so only the shortest prefix matters;
+        top-p measures mass within the top-k survivors, as llama.cpp does.
+        """
+        n, best = len(logits), float(logits.max())
+        k = min(self.top_k, n) if self.top_k else n
+        keep = k
         if self.min_p > 0:
-            keep = min(keep, int(np.count_nonzero(probs >= self.min_p * probs[0])))
-        probs = probs[:keep] / probs[:keep].sum()
-        return int(ids[self._rng.choice(keep, p=probs)])
+            keep = min(keep, int(np.count_nonzero(logits >= best + math.log(self.min_p))))
+        if self.top_p >= 1:
+            ids = _top(logits, keep)
+            return ids, logits[ids]
+        total = _mass(logits, best, k)
+        for head in (*(h for h in _HEAD if h < keep), keep):  # sort a short head when it suffices
+            ids = _top(logits, head)
+            cum = np.cumsum(np.exp(logits[ids].astype(np.float64) - best)) / total
+            if cum[-1] >= self.top_p or head == keep:
+                ids = ids[: min(int(np.searchsorted(cum, self.top_p)) + 1, head)]
+                return ids, logits[ids]
+        raise AssertionError("unreachable")
+
+
+def _top(logits: np.ndarray, k: int) -> np.ndarray:
+    """Ids of the k largest logits, largest first, ties broken by the smaller id."""
+    ids = np.arange(len(logits)) if k >= len(logits) else np.argpartition(logits, -k)[-k:]
+    return ids[np.lexsort((ids, -logits[ids]))]
+
+
+def _mass(logits: np.ndarray, best: float, k: int) -> float:
+    """Sum of exp(logit - best) over the k largest logits."""
+    vals = logits if k >= len(logits) else logits[np.argpartition(logits, -k)[-k:]]
+    return float(np.exp(vals.astype(np.float64) - best).sum())

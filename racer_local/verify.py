@@ -1,11 +1,14 @@
 """The acceptance rule: walk the draft tree along the target's own choices.
 
 At each node the target chooses its next token from that node's logits row (argmax when
-greedy, a draw from its distribution when sampling); if a child holds that token the walk
+greedy, one draw from its distribution when sampling); if a child holds that token the walk
 moves there, else it stops and the chosen token becomes the next root. Drafts are
-deterministic, so accepting child c with probability p(c), else moving on to the next
-child against the residual, is exactly one draw from p: the output follows the target's
-distribution whatever the drafter proposed.
+deterministic, so this single draw is exactly the sequential scheme (accept child c with its
+residual probability, else zero it, renormalise and try the next; if all fail, draw the bonus
+from the residual): both give token t with probability p(t), whatever the drafter proposed.
+
+`choose(row)` is called only at the nodes the walk commits, in order, so a stateful chooser
+(sampling.Sampler) sees the context at each node, tree path included, as its history.
 """
 
 from __future__ import annotations
