@@ -34,7 +34,7 @@ from racer_local.drafters import DRAFTERS
 # (logits) is a near-tie that batched kernels may flip: the bound tests/test_lossless.py measured.
 NEAR_TIE = 1.0
 BUSY = 0.6  # a prompt's CPU share below this means another job competed for the cores
-SUMS = ("generated_tokens", "prefill_s", "decode_s", "steps", "drafted", "accepted")
+SUMS = ("generated_tokens", "prefill_s", "decode_s", "steps", "drafted", "accepted", "draft_s")
 
 
 @dataclass

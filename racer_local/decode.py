@@ -9,6 +9,7 @@ leaves draft cells behind. Prompt handling, stop strings and text live in engine
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ class Step:
     tokens: list[int]  # committed tokens, in order (the root first)
     drafted: int  # draft nodes verified besides the root
     eog: bool  # the last token ends the generation
+    draft_s: float = 0.0  # time the drafter spent proposing and observing
 
 
 def speculate(
@@ -48,7 +50,9 @@ def speculate(
             room = min(backend.n_ctx - n_past, backend.n_seq_max - 1)  # KV cells, path ids
             if room <= 0:
                 return
+            t0 = time.perf_counter()
             tree = drafter.propose(root, room).limit(room, max_tokens - produced - 1)
+            draft_s = time.perf_counter() - t0
             if tree.tokens[0] != root:
                 raise ValueError(f"drafter {drafter.name!r} proposed a root that is not the target's token")
             rows = _verify(backend, tree, n_past)
@@ -58,10 +62,12 @@ def speculate(
             if eog is not None:
                 path, tokens = path[: eog + 1], tokens[: eog + 1]
             _commit(backend, tree, path, n_past)
+            t0 = time.perf_counter()
             drafter.observe(tree, rows, path)
+            draft_s += time.perf_counter() - t0
             n_past += len(path)
             produced += len(path)
-            yield Step(tokens, len(tree) - 1, eog is not None)
+            yield Step(tokens, len(tree) - 1, eog is not None, draft_s)
             if eog is not None:
                 return
     finally:

@@ -275,6 +275,7 @@ class Engine:
                     stats.steps += 1
                     stats.generated_tokens += len(step.tokens)
                     stats.drafted += step.drafted
+                    stats.draft_s += step.draft_s
                     stats.accepted += len(step.tokens) - 1
                     visible = step.tokens[:-1] if step.eog else step.tokens
                     cut = next((i for i, t in enumerate(visible) if t in stop_tokens), None)

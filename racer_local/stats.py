@@ -14,6 +14,7 @@ class Stats:
     steps: int = 0  # verification forward passes after the prefill
     drafted: int = 0  # draft tokens sent for verification (roots excluded)
     accepted: int = 0  # draft tokens the target agreed with
+    draft_s: float = 0.0  # part of decode_s spent drafting and updating the drafter
 
     @property
     def mean_accepted(self) -> float:

@@ -130,18 +130,17 @@ class Racer(Drafter):
         self._work = 0.0
 
     def begin(self, context: Sequence[int], rows: np.ndarray) -> None:
-        """Index the context. A drafter kept across requests (a chat session) only indexes
-        what follows the previous context, and keeps its table and calibration."""
+        """Index the context. A drafter kept across requests (a chat session) only indexes what
+        follows the previous context; its table and calibration carry over in any case."""
         seen = self._seen
         if self.keep_state and seen and list(context[: len(seen)]) == seen:
             self.index.extend(context[len(seen) :])
-        else:  # a first request, or an edited history: start over
+        else:  # a first request, or a history that was edited or re-tokenized
             self.index.reset()
             self.index.extend(context)
-            self.table = None
-            self.calibration = Calibration()
-        if self.table is None:
+        if self.table is None or not self.keep_state:
             self.table = CopyLogitTable(rows.shape[1], self.top_k)
+            self.calibration = Calibration()
         self._seen = list(context)
         if self.use_logits:
             self.table.update(context[len(context) - len(rows) :], rows)
