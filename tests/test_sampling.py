@@ -240,7 +240,7 @@ class LikelyTree(Drafter):
 
 def racer_drafter() -> Racer:
     flat = CostCurve((1, 2, 64), (1.0, 1.01, 1.5))  # drafting looks nearly free: big trees
-    return Racer(flat, max_nodes=24)
+    return Racer(flat, max_nodes=24, prompt_rows=16)  # seed the table from the whole toy prompt
 
 
 DRAFTERS = {"ar": Drafter, "likely-tree": LikelyTree, "racer": racer_drafter}
