@@ -18,11 +18,10 @@ import importlib.util
 import json
 import os
 import re
+import tomllib
 from dataclasses import dataclass, fields
 from importlib.resources import files
 from pathlib import Path, PurePosixPath
-
-import tomllib
 
 from racer_local.errors import ModelError
 
