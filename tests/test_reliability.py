@@ -204,3 +204,31 @@ def test_racer_drafter_memory_is_bounded_on_a_long_stream():
     assert not drafter._keys  # per-step bookkeeping is cleared after every observe
     assert len(drafter.index) == len(drafter._seen)
 
+
+
+def _rss_mib() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    pytest.skip("no /proc/self/status on this platform")
+
+
+def test_a_long_chat_session_keeps_resident_memory_flat(small):
+    """About 1,500 tokens over many turns in a 256-token context (the oldest turns dropped):
+    once the KV cache, the drafter's index and its logit table are allocated, memory stays."""
+    small.reset()
+    messages = [{"role": "user", "content": "Tell a long story about a lighthouse keeper."}]
+    produced, after_warmup = 0, None
+    for turn in range(200):
+        out = small.chat(messages, truncate="oldest", max_tokens=64, method="racer")
+        produced += out.stats.generated_tokens
+        messages += [{"role": "assistant", "content": out.text},
+                     {"role": "user", "content": "Go on with the story."}]
+        if turn == 2:
+            after_warmup = _rss_mib()
+        if produced >= 1500:
+            break
+    grown = _rss_mib() - after_warmup
+    assert produced >= 1000 and turn >= 20
+    assert grown < 32, f"resident memory grew {grown:.1f} MiB over {produced} tokens"
+    assert_kv_clean(small)
