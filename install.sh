@@ -7,16 +7,28 @@
 # reports, AMX left out. Set CMAKE_ARGS yourself to override, e.g.
 #   CMAKE_ARGS="-DGGML_CUDA=on" ./install.sh         (NVIDIA GPU)
 # Metal is on by default on macOS. The built wheel is cached per flag set in
-# ~/.cache/racer-local/wheels, so a second install takes seconds.
+# ~/.cache/racer-local/wheels, so a second install takes seconds. The flags and the sdist are
+# recorded so that `racer-local bench` compiles llama.cpp's own llama-server (its peer) from the
+# same source with the same flags.
 #
-# Usage: ./install.sh [--dev]     (--dev adds the test tools)
+# Usage: ./install.sh [--dev] [--llama-server]
+#   --dev           adds the test tools
+#   --llama-server  also compiles llama-server now (about 10 minutes on 2 cores, cached), instead
+#                   of on the first bench that asks for a llama.cpp method
 set -euo pipefail
 cd "$(dirname "$0")"
 
-LLAMA_CPP_PYTHON_VERSION=0.3.36
+LLAMA_CPP_PYTHON_VERSION=$(sed -n 's/.*"llama-cpp-python==\([0-9.]*\)".*/\1/p' pyproject.toml)
 VENV=${RACER_VENV:-.venv}
 EXTRAS=""
-[ "${1:-}" = "--dev" ] && EXTRAS="[dev]"
+SERVER=""
+for arg in "$@"; do
+    case "$arg" in
+        --dev) EXTRAS="[dev]" ;;
+        --llama-server) SERVER=1 ;;
+        *) echo "install.sh: unknown option $arg (use --dev, --llama-server)" >&2; exit 2 ;;
+    esac
+done
 
 cpu_cmake_args() {
     local args="-DLLAVA_BUILD=OFF"
@@ -43,14 +55,23 @@ echo "install.sh: building llama.cpp with CMAKE_ARGS=\"$CMAKE_ARGS\"" >&2
 PY="$VENV/bin/python"
 "$PY" -m pip install --quiet --upgrade pip
 
+# Keep in step with racer_local/llama_server_build.py, which computes the same key without a record.
 key=$(printf '%s %s %s' "$LLAMA_CPP_PYTHON_VERSION" "$CMAKE_ARGS" "$("$PY" -c 'import sys;print(sys.version)')" | sha256sum | cut -c1-16)
-WHEELS="${XDG_CACHE_HOME:-$HOME/.cache}/racer-local/wheels/$key"
+CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/racer-local"
+WHEELS="$CACHE/wheels/$key"
+SDIST="$CACHE/sdist/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION.tar.gz"
 if ! ls "$WHEELS"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+    [ -f "$SDIST" ] || "$PY" -m pip download --quiet --no-deps --no-binary :all: -d "$CACHE/sdist" \
+        "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION"
     echo "install.sh: compiling llama-cpp-python $LLAMA_CPP_PYTHON_VERSION (a few minutes, once)" >&2
-    "$PY" -m pip wheel --quiet --no-deps --no-cache-dir --no-binary llama-cpp-python \
-        -w "$WHEELS.tmp" "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION"
+    "$PY" -m pip wheel --quiet --no-deps --no-cache-dir -w "$WHEELS.tmp" "$SDIST"
     mv "$WHEELS.tmp" "$WHEELS"
 fi
 "$PY" -m pip install --quiet "$WHEELS"/llama_cpp_python-*.whl
 "$PY" -m pip install --quiet -e ".$EXTRAS"
+mkdir -p "$VENV/share/racer-local"
+"$PY" -c 'import json, sys; v, a, k, c = sys.argv[1:]; print(json.dumps(
+    {"llama_cpp_python": v, "cmake_args": a, "key": k, "cache": c}))' \
+    "$LLAMA_CPP_PYTHON_VERSION" "$CMAKE_ARGS" "$key" "$CACHE" > "$VENV/share/racer-local/build.json"
+[ -z "$SERVER" ] || "$VENV/bin/racer-local" build-llama-server >/dev/null
 echo "install.sh: done; run $VENV/bin/racer-local --help" >&2

@@ -6,8 +6,9 @@ machine noise hits all alike. The KV cache is cleared before every generation, s
 prefilled cold, and every generation gets a fresh drafter. Prefill and decode are timed apart.
 Aggregates are totals (sum of tokens / sum of seconds), never means of ratios, and a method's
 speedup is over `ar` on the same prompts. Failures are recorded with their error and counted.
-Writes results.json, report.md and speedup.png. Prompts, formatting and the methods themselves
-live in bench_suites.py. Leaves out task accuracy (no answer checking).
+Writes results.json, report.md and speedup.png. Prompts and formatting live in bench_suites.py,
+the methods (ours and llama.cpp's) in bench_methods.py, the command line in cli.py. Leaves out
+task accuracy (no answer checking).
 """
 
 from __future__ import annotations
@@ -22,13 +23,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import click
 import numpy as np
 
+from racer_local import bench_methods as methods_
 from racer_local import bench_suites as suites
-from racer_local.bench_suites import BASELINE, CPP_NGRAM, LCP_PLD, Turn
-from racer_local.cli import _friendly_errors, main, model_options, sampling_options
-from racer_local.drafters import DRAFTERS
+from racer_local.bench_methods import BASELINE, LLAMA_CPP, Turn
 
 # Where a speculative output first differs from `ar`, a plain-decoding top-2 margin below this
 # (logits) is a near-tie that batched kernels may flip: the bound tests/test_lossless.py measured.
@@ -263,12 +262,11 @@ def report(data: dict) -> str:
         lines.append(f"| {label} | {m['prompts']} | {m['failed']} | {m['generated_tokens']} | "
                      f"{m['tokens_per_s']:.1f} | {m['speedup']:.2f}x | {m['mean_accepted']:.2f} | "
                      f"{m['e2e_tokens_per_s']:.1f} | {m['e2e_speedup']:.2f}x | {agree} |")
-    lines += ["", f"Decode speedup over `{BASELINE}` by category:", "",
-              "| category | prompts | " + " | ".join(labels) + " |",
-              "|---|--:|" + "--:|" * len(labels)]
-    for c, base in summary[BASELINE]["categories"].items():
-        cells = [f"{summary[label]['categories'][c]['speedup']:.2f}x" for label in labels]
-        lines.append(f"| {c} | {base['prompts']} | " + " | ".join(cells) + " |")
+    lines += _category_table(summary, labels, data.get("versus_peers") or {})
+    if data.get("same_engine") is not None:
+        lines += ["", f"Same engine: `{LLAMA_CPP}` (llama-server, no speculation) decodes at "
+                  f"{data['same_engine']:.2f}x racer-local's `{BASELINE}` on the same prompts "
+                  "(about 1.00 when the binding costs nothing)."]
     sizes = [n for n in (1, 2, 4, 8, 12, 16, 24, 32) if n in curve["sizes"]]
     rel = dict(zip(curve["sizes"], curve["relative"], strict=True))
     lines += ["", "Cost of verifying N tokens in one batch relative to one (this machine):", "",
@@ -276,7 +274,7 @@ def report(data: dict) -> str:
               "| t(N)/t(1) | " + " | ".join(f"{rel[n]:.2f}" for n in sizes) + " |", "",
               f"Ceiling of any tree with every draft accepted: {curve['ceiling']:.2f}x "
               f"(N = {curve['ceiling_n']})."]
-    notes = [f"`{label}` did not run: {why}" for label, why in data["unavailable"].items()]
+    notes = []
     if curve["implausible"] or curve["measured_busy"]:
         why = (f"says verifying N = {curve['implausible']} tokens costs less than one"
                if curve["implausible"] else "was measured in this run while the machine was busy")
@@ -298,6 +296,25 @@ def report(data: dict) -> str:
     if notes:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
+
+
+def _category_table(summary: dict, labels: list[str], versus: dict) -> list[str]:
+    """Speedup per category and overall, with the best peer's and racer's ratio over it."""
+    extra = " | best peer | racer / best peer" if versus else ""
+    lines = ["", f"Decode speedup over `{BASELINE}` by category:", "",
+             "| category | prompts | " + " | ".join(labels) + extra + " |",
+             "|---|--:|" + "--:|" * len(labels) + ("---|--:|" if versus else "")]
+    groups = {c: {label: summary[label]["categories"][c] for label in labels}
+              for c in summary[BASELINE]["categories"]}
+    groups["overall"] = {label: summary[label]["overall"] for label in labels}
+    for c, by_label in groups.items():
+        cells = [f"{by_label[label]['speedup']:.2f}x" for label in labels]
+        if versus:
+            v = versus[c]
+            cells += [f"{v['best_peer']} {v['peer_speedup']:.2f}x", f"**{v['ratio']:.2f}x**"]
+        name = "**overall**" if c == "overall" else c
+        lines.append(f"| {name} | {by_label[BASELINE]['prompts']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot(data: dict, path: Path) -> None:
@@ -334,67 +351,74 @@ def plot(data: dict, path: Path) -> None:
     plt.close(fig)
 
 
-# ----- command line -------------------------------------------------------------------------
+# ----- racer against the peers --------------------------------------------------------------
 
 
-def _parse_methods(value: str) -> list[str]:
-    methods = [m.strip() for m in value.split(",") if m.strip()]
-    for m in methods:
-        if not suites.known_method(m):
-            choices = ", ".join([*DRAFTERS, LCP_PLD, CPP_NGRAM + "-*"])
-            raise click.BadParameter(f"unknown method {m!r}; choose from: {choices}",
-                                     param_hint="--methods")
-    return methods
+def versus_peers(summary: dict, racer: str = "racer") -> dict:
+    """Per category and overall: the best peer's decode speedup and racer's ratio over it.
+
+    Peers are the methods racer-local did not write (llama.cpp's, llama-cpp-python's) and
+    prompt lookup; a peer that failed on a prompt counts there with what it finished.
+    """
+    peers = [label for label in summary if methods_.is_peer(label)]
+    if racer not in summary or not peers:
+        return {}
+    groups = {**{c: lambda s, c=c: s["categories"][c] for c in summary[racer]["categories"]},
+              "overall": lambda s: s["overall"]}
+    out = {}
+    for name, pick in groups.items():
+        best = max(peers, key=lambda label: pick(summary[label])["speedup"])
+        theirs, ours = pick(summary[best])["speedup"], pick(summary[racer])["speedup"]
+        out[name] = {"best_peer": best, "peer_speedup": theirs, "racer_speedup": ours,
+                     "ratio": _rate(ours, theirs)}
+    return out
 
 
-def _command_line(params: dict) -> str:
-    """The options this run used, as a command that repeats it."""
-    words = ["racer-local", "bench"]
-    for name, value in params.items():
-        if value is not None:
-            words += [f"--{name.replace('_', '-')}", str(value)]
-    return " ".join(words)
+def same_engine(summary: dict) -> float | None:
+    """llama.cpp's plain decoding over racer-local's `ar`: about 1.0 when the binding costs nothing."""
+    if LLAMA_CPP not in summary or not summary[LLAMA_CPP]["overall"]["prompts"]:
+        return None
+    return summary[LLAMA_CPP]["overall"]["speedup"]
 
 
-@click.command("bench")
-@model_options
-@click.option("--suite", type=click.Choice(["all", *suites.SUITES]), default="all",
-              show_default=True)
-@click.option("--data", envvar=suites.ENV_DATA, type=click.Path(file_okay=False),
-              help=f"Directory with the prompt files (env {suites.ENV_DATA}; "
-                   "default ../shared/bench).")
-@click.option("--methods", default=",".join(DRAFTERS), show_default=True,
-              help="Comma-separated; ar is always run as the baseline; repeat one (ar,ar) to "
-                   f"see the noise. Peers: {LCP_PLD}, {CPP_NGRAM}-* (needs llama-server).")
-@click.option("--limit", type=click.IntRange(min=1),
-              help="Prompts per category, evenly spaced (default: all).")
-@click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Tokens to generate per turn.")
-@sampling_options
-@click.option("-o", "--out", type=click.Path(file_okay=False), default="bench-out",
-              show_default=True, help="Directory for results.json, report.md and speedup.png.")
-@_friendly_errors
-def bench(model, threads, n_ctx, n_gpu_layers, suite, data, methods, limit, max_tokens, out,
-          **sampling):
-    """Measure each method's decode speedup over plain decoding on public prompt sets."""
+# ----- one whole run ------------------------------------------------------------------------
+
+
+def run(*, model, threads, n_ctx, n_gpu_layers, suite: str, data_dir, methods: list[str],
+        limit: int | None, max_tokens: int, sampling: dict, out: Path, command: str,
+        llama_server=None, echo=print) -> dict:
+    """Load the model, run every method on the suite's prompts, write the three files; the data.
+
+    llama.cpp's methods need a llama-server: `llama_server` if given, else the cached build for
+    this binding, else it is built now (minutes, once). If that fails, those methods are
+    reported as failed with the reason.
+    """
+    from racer_local import ngram
     from racer_local.engine import Engine
+    from racer_local.llama_server_build import PeerBuildError, find_or_build
 
     started = time.perf_counter()
-    command = _command_line(click.get_current_context().params)
-    prompts = suites.load(suite, suites.find_data_dir(data), limit)
+    prompts = suites.load(suite, data_dir, limit)
     if not prompts:
-        raise click.ClickException(f"suite {suite!r} has no prompts")
-    pairs, unavailable = [], {}
-    for label, method in suites.labels_for(_parse_methods(methods)):
-        if method.startswith(CPP_NGRAM):
-            unavailable[label] = suites.cpp_peer_status()
-            click.echo(f"{label}: {unavailable[label]}", err=True)
-        else:
-            pairs.append((label, method))
+        raise suites.DataError(f"suite {suite!r} has no prompts")
+    pairs = methods_.labels_for(methods)
+    binary, peer = None, {}
+    if any(m.startswith(LLAMA_CPP) for _, m in pairs):
+        try:
+            binary = find_or_build(llama_server, echo=echo)
+            peer = {"llama_server": str(binary)}
+        except PeerBuildError as e:
+            peer = {"llama_server": None, "error": str(e)}
+            echo(f"llama.cpp peers will be reported as failed: {e}")
     with Engine(model, n_ctx=n_ctx, threads=threads, n_gpu_layers=n_gpu_layers) as engine:
         curve = cost_curve(engine)  # measured now if not cached, never during the runs
-        runners = {label: suites.make_method(engine, method, sampling) for label, method in pairs}
+        runners = {}
         try:
+            for label, method in pairs:
+                if method.startswith(LLAMA_CPP) and binary is None:
+                    runners[label] = methods_.Unavailable(f"no llama-server: {peer['error']}")
+                else:
+                    runners[label] = methods_.make_method(engine, method, sampling, binary)
             results, warmup_errors, cpu_share = run_all(engine, runners, prompts,
                                                         max_tokens=max_tokens, sampling=sampling)
         finally:
@@ -403,15 +427,15 @@ def bench(model, threads, n_ctx, n_gpu_layers, suite, data, methods, limit, max_
         if sampling["temperature"] == 0:  # greedy: every method should give ar's tokens
             for runs in results.values():
                 compare_greedy(engine, runs)
-        env = environment(engine)
+        env = {**environment(engine), "native_index": ngram.NATIVE, **peer}
     summary = summarize(results, prompts, list(runners))
     data = {
         "command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "duration_s": time.perf_counter() - started,
         "settings": {"suite": suite, "prompts": len(prompts), "methods": dict(pairs),
                      "limit": limit, "max_tokens": max_tokens, **sampling},
-        "environment": env, "cost_curve": curve, "unavailable": unavailable,
-        "warmup_errors": warmup_errors, "summary": summary,
+        "environment": env, "cost_curve": curve, "warmup_errors": warmup_errors,
+        "summary": summary, "versus_peers": versus_peers(summary), "same_engine": same_engine(summary),
         "failures": sum(m["overall"]["failed"] for m in summary.values()),
         "prompts": {p.id: {"suite": p.suite, "category": p.category, "turns": list(p.turns),
                            "cpu_share": cpu_share[p.id],
@@ -419,8 +443,4 @@ def bench(model, threads, n_ctx, n_gpu_layers, suite, data, methods, limit, max_
                     for p in prompts},
     }
     write_outputs(Path(out), data)
-    click.echo(report(data))
-    click.echo(f"wrote results.json, report.md and speedup.png to {out}", err=True)
-
-
-main.add_command(bench)
+    return data

@@ -1,12 +1,10 @@
-"""What the benchmark runs: prompt suites, chat formatting, and the methods that generate.
+"""What the benchmark feeds the methods: prompt suites and chat formatting.
 
 Suites: Spec-Bench (question.jsonl: categories, multi-turn `turns`), HumanEval (jsonl, wrapped
 as "Implement the following code.\\n<prompt>" as speed benchmarks do) and MGSM Chinese
 (question<TAB>answer). The files are never copied into this repository: they are read from a
-directory (see `find_data_dir`). Methods: every drafter through the shared Engine, and the
-peer llama-cpp-python-pld; each turns prompt ids into a timed Turn, stopping only at the end
-of generation or the token limit (no chat stop strings), alike for all. How runs are
-scheduled, compared and reported is bench.py's business.
+directory (see `find_data_dir`). The methods are bench_methods.py's; how runs are scheduled,
+compared and reported is bench.py's.
 """
 
 from __future__ import annotations
@@ -14,13 +12,8 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import shutil
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-
-from racer_local.drafters import DRAFTERS
-from racer_local.stats import Stats
 
 SUITES = ("specbench", "humaneval", "mgsm-zh")
 ENV_DATA = "RACER_LOCAL_BENCH_DATA"
@@ -148,149 +141,3 @@ def reply_text(engine, text: str) -> str:
     (generations here do not stop at them, so a base model may run on into a made-up turn)."""
     cuts = [i for i in (text.find(s) for s in engine.chat_format.stop) if i >= 0]
     return text[: min(cuts)] if cuts else text
-
-
-# ----- methods ------------------------------------------------------------------------------
-
-BASELINE = "ar"
-LCP_PLD = "llama-cpp-python-pld"
-CPP_NGRAM = "llama.cpp-ngram"  # prefix of the llama.cpp C++ peers' method names
-
-
-@dataclass
-class Turn:
-    """One generation: what a method produced for one prompt text, and how fast."""
-
-    stats: Stats
-    tokens: list[int]
-    text: str
-    finish_reason: str
-    prompt: list[int] = field(repr=False)  # prompt token ids, kept for the near-tie check
-
-
-class EngineMethod:
-    """A drafter from racer_local.drafters, run through the shared Engine."""
-
-    def __init__(self, engine, method: str) -> None:
-        self.engine, self.method = engine, method
-
-    def generate(self, prompt: list[int], max_tokens: int, sampling: dict) -> Turn:
-        self.engine.reset()  # cold prefill for every method alike
-        c = self.engine.generate(prompt, max_tokens=max_tokens, method=self.method, **sampling)
-        return Turn(c.stats, c.tokens, c.text, c.finish_reason, prompt)
-
-    def close(self) -> None:
-        pass
-
-
-class LlamaCppPythonPLD:
-    """llama-cpp-python's own speculative path: Llama(draft_model=LlamaPromptLookupDecoding).
-
-    Same model file, context, batch and threads as the Engine. Timed like the Engine: prefill
-    ends when the first token is known; decode covers the forward passes over the N generated
-    tokens, i.e. until the (N+1)-th token is known (that one is not counted).
-    """
-
-    def __init__(self, engine, repeat_last_n: int = 64) -> None:
-        from llama_cpp import Llama
-        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
-
-        b = self.backend = engine.backend
-        self.llm = Llama(str(engine.model_path), n_ctx=b.n_ctx, n_batch=b.n_batch,
-                         n_threads=b.n_threads, n_threads_batch=b.n_threads,
-                         n_gpu_layers=b.n_gpu_layers, logits_all=True, verbose=False,
-                         last_n_tokens_size=repeat_last_n,
-                         draft_model=LlamaPromptLookupDecoding(num_pred_tokens=10))
-        self.evals: list[int] = []  # batch size of every llm.eval call
-        real_eval = self.llm.eval
-
-        def counted_eval(tokens):
-            self.evals.append(len(tokens))
-            return real_eval(tokens)
-
-        self.llm.eval = counted_eval
-
-    def generate(self, prompt: list[int], max_tokens: int, sampling: dict) -> Turn:
-        llm, is_eog = self.llm, self.backend.is_eog
-        llm.reset()  # n_tokens = 0: the next eval clears the KV cache, a cold prefill
-        if sampling.get("seed") is not None:
-            llm.set_seed(sampling["seed"])
-        self.evals.clear()
-        tokens: list[int] = []
-        t0 = time.perf_counter()
-        gen = llm.generate(prompt, temp=sampling.get("temperature", 0.0),
-                           top_k=sampling.get("top_k", 0), top_p=sampling.get("top_p", 1.0),
-                           min_p=sampling.get("min_p", 0.0),
-                           repeat_penalty=sampling.get("repeat_penalty", 1.0))
-        try:
-            token = next(gen)
-            t1 = time.perf_counter()
-            n_prefill = len(self.evals)
-            while True:
-                tokens.append(token)
-                if is_eog(token) or len(tokens) > max_tokens:
-                    break
-                token = next(gen)
-            t2 = time.perf_counter()
-        finally:
-            gen.close()
-        tokens = tokens[:max_tokens]  # drop the (N+1)-th token, read only to time the N-th
-        finish = "stop" if is_eog(tokens[-1]) else "length"
-        decoded = self.evals[n_prefill:]
-        stats = Stats(prompt_tokens=len(prompt), generated_tokens=len(tokens), prefill_s=t1 - t0,
-                      decode_s=t2 - t1, steps=len(decoded), drafted=sum(n - 1 for n in decoded))
-        stats.accepted = max(0, stats.generated_tokens - stats.steps)
-        text = self.backend.detokenize(tokens[:-1] if finish == "stop" else tokens)
-        return Turn(stats, tokens, text, finish, prompt)
-
-    def close(self) -> None:
-        self.llm.close()
-
-
-class Unavailable:
-    """Stands in for a method that could not start: every generation reports why."""
-
-    def __init__(self, error: str) -> None:
-        self.error = error
-
-    def generate(self, *args, **kwargs) -> Turn:
-        raise RuntimeError(self.error)
-
-    def close(self) -> None:
-        pass
-
-
-def known_method(name: str) -> bool:
-    return name in DRAFTERS or name == LCP_PLD or name.startswith(CPP_NGRAM)
-
-
-def make_method(engine, method: str, sampling: dict):
-    if method in DRAFTERS:
-        return EngineMethod(engine, method)
-    if method == LCP_PLD:
-        try:
-            return LlamaCppPythonPLD(engine, sampling.get("repeat_last_n", 64))
-        except Exception as e:  # reported as this method's failure on every prompt
-            return Unavailable(f"could not start: {type(e).__name__}: {e}")
-    raise ValueError(f"unknown method {method!r}")
-
-
-def labels_for(methods: list[str]) -> list[tuple[str, str]]:
-    """(label, method) pairs with `ar` first; a repeated method gets a numbered label (ar#2)."""
-    if BASELINE not in methods:
-        methods = [BASELINE, *methods]
-    seen: dict[str, int] = {}
-    out = []
-    for m in methods:
-        seen[m] = seen.get(m, 0) + 1
-        out.append((m if seen[m] == 1 else f"{m}#{seen[m]}", m))
-    out.sort(key=lambda pair: pair[0] != BASELINE)
-    return out
-
-
-def cpp_peer_status() -> str:
-    """Why llama.cpp's C++ n-gram modes are not in this run."""
-    found = [p for p in (shutil.which("llama-server"), shutil.which("llama-lookup")) if p]
-    if not found:
-        return "not found: neither llama-server nor llama-lookup is on PATH"
-    return f"found {', '.join(found)}, but driving llama.cpp's binaries is not implemented yet"

@@ -9,6 +9,7 @@ from dataclasses import fields
 
 import click
 
+from racer_local.bench_suites import ENV_DATA, SUITES
 from racer_local.drafters import DRAFTERS
 from racer_local.errors import RacerError
 from racer_local.sampling import Sampler
@@ -210,4 +211,68 @@ def pull(name):
     click.echo(path)
 
 
-import racer_local.bench  # noqa: E402, F401  (adds `bench` to main; it imports the helpers above)
+def _parse_methods(value: str) -> list[str]:
+    from racer_local.bench_methods import all_methods, known_method
+
+    methods = [m.strip() for m in value.split(",") if m.strip()]
+    for m in methods:
+        if not known_method(m):
+            raise click.BadParameter(f"unknown method {m!r}; choose from: {', '.join(all_methods())}",
+                                     param_hint="--methods")
+    return methods
+
+
+def _command_line(params: dict) -> str:
+    """The options this run used, as a command that repeats it."""
+    words = ["racer-local", "bench"]
+    for name, value in params.items():
+        if value is not None:
+            words += [f"--{name.replace('_', '-')}", str(value)]
+    return " ".join(words)
+
+
+@main.command("bench")
+@model_options
+@click.option("--suite", type=click.Choice(["all", *SUITES]), default="all", show_default=True)
+@click.option("--data", envvar=ENV_DATA, type=click.Path(file_okay=False),
+              help=f"Directory with the prompt files (env {ENV_DATA}; default ../shared/bench).")
+@click.option("--methods", default=",".join(DRAFTERS), show_default=True,
+              help="Comma-separated; ar is always run as the baseline; repeat one (ar,ar) to see the "
+                   "noise. Peers: pld, llama-cpp-python-pld, llama.cpp (llama-server, no speculation), "
+                   "llama.cpp-ngram-mod, -ngram-simple, -ngram-map-k, -ngram-map-k4v, -ngram-cache.")
+@click.option("--llama-server", "llama_server", envvar="RACER_LOCAL_LLAMA_SERVER",
+              type=click.Path(dir_okay=False),
+              help="llama-server binary for the llama.cpp methods (env RACER_LOCAL_LLAMA_SERVER; default: "
+                   "built once from the binding's own llama.cpp source and flags).")
+@click.option("--limit", type=click.IntRange(min=1),
+              help="Prompts per category, evenly spaced (default: all).")
+@click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Tokens to generate per turn.")
+@sampling_options
+@click.option("-o", "--out", type=click.Path(file_okay=False), default="bench-out", show_default=True,
+              help="Directory for results.json, report.md and speedup.png.")
+@_friendly_errors
+def bench(model, threads, n_ctx, n_gpu_layers, suite, data, methods, llama_server, limit, max_tokens, out,
+          **sampling):
+    """Measure each method's decode speedup over plain decoding on public prompt sets."""
+    from racer_local import bench as bench_lib
+    from racer_local.bench_suites import find_data_dir
+
+    command = _command_line(click.get_current_context().params)
+    result = bench_lib.run(model=model, threads=threads, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
+                           suite=suite, data_dir=find_data_dir(data), methods=_parse_methods(methods),
+                           limit=limit, max_tokens=max_tokens, sampling=sampling, out=out,
+                           command=command, llama_server=llama_server,
+                           echo=lambda line: click.echo(line, err=True))
+    click.echo(bench_lib.report(result))
+    click.echo(f"wrote results.json, report.md and speedup.png to {out}", err=True)
+
+
+@main.command("build-llama-server")
+@_friendly_errors
+def build_llama_server():
+    """Compile llama.cpp's llama-server (the bench's peer) from the binding's source and flags,
+    once; prints its path."""
+    from racer_local.llama_server_build import find_or_build
+
+    click.echo(find_or_build(echo=lambda line: click.echo(line, err=True)))

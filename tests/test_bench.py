@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import gzip
 import json
-import shutil
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from racer_local import bench, bench_suites
+from racer_local import bench, bench_methods, bench_suites
 from racer_local.cli import main
 from racer_local.drafters import DRAFTERS
 from racer_local.drafters.base import Drafter
@@ -67,8 +66,8 @@ def test_a_missing_data_dir_says_where_to_get_the_files(tmp_path):
 
 
 def test_labels_put_ar_first_and_number_repeats():
-    assert bench_suites.labels_for(["pld", "ar", "ar"]) == [("ar", "ar"), ("pld", "pld"), ("ar#2", "ar")]
-    assert bench_suites.labels_for(["racer"]) == [("ar", "ar"), ("racer", "racer")]
+    assert bench_methods.labels_for(["pld", "ar", "ar"]) == [("ar", "ar"), ("pld", "pld"), ("ar#2", "ar")]
+    assert bench_methods.labels_for(["racer"]) == [("ar", "ar"), ("racer", "racer")]
 
 
 # ----- metrics from hand-made records ------------------------------------------------------
@@ -134,7 +133,7 @@ def bench_run(tmp_path_factory, model_path):
     # process spins in its barriers and slows down tens of times, unevenly between methods.
     args = ["bench", "--suite", "mgsm-zh", "--limit", "2", "--max-tokens", "24", "--threads", "1",
             "--n-ctx", "512", "-m", str(model_path), "--out", str(out),
-            "--methods", "ar,ar,pld,failing,llama-cpp-python-pld,llama.cpp-ngram-cache"]
+            "--methods", "ar,ar,pld,failing,llama-cpp-python-pld"]
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(DRAFTERS, "failing", lambda backend, keep_state=False: Failing())
         result = CliRunner().invoke(main, args)
@@ -144,7 +143,7 @@ def bench_run(tmp_path_factory, model_path):
 
 def test_the_three_files_exist_and_parse(bench_run):
     out, data = bench_run
-    keys = {"environment", "settings", "cost_curve", "summary", "prompts", "unavailable"}
+    keys = {"environment", "settings", "cost_curve", "summary", "prompts", "versus_peers"}
     assert keys <= set(data)
     assert len(data["environment"]["model_sha256"]) == 64 and data["environment"]["threads"] == 1
     report = (out / "report.md").read_text()
@@ -197,8 +196,6 @@ def test_failures_are_reported_not_dropped(bench_run):
         assert run["error"] or run["turns"][0]["stats"]["generated_tokens"] > 0
     report = (out / "report.md").read_text()
     assert "failing` failed on mgsm-zh/0: RuntimeError: injected failure" in report
-    if not (shutil.which("llama-server") or shutil.which("llama-lookup")):
-        assert "not found" in data["unavailable"]["llama.cpp-ngram-cache"]
 
 
 def test_the_ceiling_comes_from_the_cost_curve(bench_run):
