@@ -12,7 +12,8 @@
 # same source with the same flags.
 #
 # Usage: ./install.sh [--dev] [--llama-server]
-#   --dev           adds the test tools
+#   --dev           adds what the tests use: the test tools, llama-server, and (as root, with
+#                   apt-get) Debian's chromium for the web chat's browser test
 #   --llama-server  also compiles llama-server now (about 10 minutes on 2 cores, cached), instead
 #                   of on the first bench that asks for a llama.cpp method
 set -euo pipefail
@@ -24,7 +25,7 @@ EXTRAS=""
 SERVER=""
 for arg in "$@"; do
     case "$arg" in
-        --dev) EXTRAS="[dev]" ;;
+        --dev) EXTRAS="[dev]"; SERVER=1 ;;
         --llama-server) SERVER=1 ;;
         *) echo "install.sh: unknown option $arg (use --dev, --llama-server)" >&2; exit 2 ;;
     esac
@@ -74,4 +75,8 @@ mkdir -p "$VENV/share/racer-local"
     {"llama_cpp_python": v, "cmake_args": a, "key": k, "cache": c}))' \
     "$LLAMA_CPP_PYTHON_VERSION" "$CMAKE_ARGS" "$key" "$CACHE" > "$VENV/share/racer-local/build.json"
 [ -z "$SERVER" ] || "$VENV/bin/racer-local" build-llama-server >/dev/null
+if [ -n "$EXTRAS" ] && ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "install.sh: installing Debian's chromium for the browser test" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
 echo "install.sh: done; run $VENV/bin/racer-local --help" >&2

@@ -76,10 +76,10 @@ def main() -> None:
         out = engine.chat(messages, truncate="oldest", max_tokens=min(args.turn_tokens, args.tokens - total),
                           method=args.method)
         total += len(out.tokens)
-        drafter = engine._session.get(args.method)
+        drafter = engine.session_drafter(args.method)
         nodes = getattr(getattr(drafter, "index", None), "node_count", 0)
-        row = (len(rows) + 1, len(out.tokens), total, len(engine._cached), out.stats.tokens_per_s,
-               out.stats.mean_accepted, nodes, rss_mb(), out.finish_reason)
+        row = (len(rows) + 1, len(out.tokens), total, engine.cached_tokens, out.stats.tokens_per_s,
+               out.stats.tokens_per_step, nodes, rss_mb(), out.finish_reason)
         rows.append(row)
         print(f"{row[0]:>4} {row[1]:>7} {row[2]:>7} {row[3]:>6} {row[4]:>7.1f} {row[5]:>8.2f} {row[6]:>7} "
               f"{row[7]:>8.1f} {row[8]:>9}", flush=True)

@@ -73,7 +73,10 @@ def run_all(engine, methods: dict, prompts: list[suites.Prompt], *, max_tokens: 
     from tqdm import tqdm
 
     labels = list(methods)
-    warm_prompt = suites.Prompt("warm-up", "", "", prompts[0].turns[:1])
+    # The longest first turn: a method's first long prefill touches fresh KV and compute pages
+    # (measured: 40% slower), which no method should pay inside the timed runs.
+    longest = max(prompts, key=lambda p: len(p.turns[0]))
+    warm_prompt = suites.Prompt("warm-up", "", "", longest.turns[:1])
     warmup_errors = {}
     for label in labels:
         warm = run_prompt(engine, methods[label], warm_prompt, min(8, max_tokens), sampling)
@@ -150,7 +153,7 @@ def metrics(pairs: list[tuple[Run, Run]]) -> dict:
     m = {"prompts": len(both), "failed": sum(r.error is not None for r, _ in pairs),
          "baseline_failed": sum(r.error is None and b.error is not None for r, b in pairs),
          **mine}
-    m["mean_accepted"] = _rate(m["generated_tokens"], m["steps"])
+    m["tokens_per_step"] = m["mean_accepted"] = _rate(m["generated_tokens"], m["steps"])  # old name kept
     m["tokens_per_s"] = _rate(mine["generated_tokens"], mine["decode_s"])
     m["baseline_tokens_per_s"] = _rate(base["generated_tokens"], base["decode_s"])
     m["speedup"] = _rate(m["tokens_per_s"], m["baseline_tokens_per_s"])
@@ -260,7 +263,7 @@ def report(data: dict) -> str:
         agree = (f"{m['identical']} / {m['near-tie']} / {m['diverged']}"
                  if s["temperature"] == 0 else "n/a")
         lines.append(f"| {label} | {m['prompts']} | {m['failed']} | {m['generated_tokens']} | "
-                     f"{m['tokens_per_s']:.1f} | {m['speedup']:.2f}x | {m['mean_accepted']:.2f} | "
+                     f"{m['tokens_per_s']:.1f} | {m['speedup']:.2f}x | {m['tokens_per_step']:.2f} | "
                      f"{m['e2e_tokens_per_s']:.1f} | {m['e2e_speedup']:.2f}x | {agree} |")
     lines += _category_table(summary, labels, data.get("versus_peers") or {})
     if data.get("same_engine") is not None:
@@ -274,6 +277,12 @@ def report(data: dict) -> str:
               "| t(N)/t(1) | " + " | ".join(f"{rel[n]:.2f}" for n in sizes) + " |", "",
               f"Ceiling of any tree with every draft accepted: {curve['ceiling']:.2f}x "
               f"(N = {curve['ceiling_n']})."]
+    for label, rows in (data.get("calibration") or {}).items():
+        lines += ["", f"`{label}` calibration: acceptance predicted for the candidates the walk "
+                  "tried (their parent accepted) vs observed, by source and depth:", "",
+                  "| source | depth | trials | predicted | observed |", "|---|--:|--:|--:|--:|"]
+        lines += [f"| {r['source']} | {r['depth']} | {r['trials']} | {r['predicted']:.2f} | "
+                  f"{r['observed']:.2f} |" for r in rows]
     notes = []
     if curve["implausible"] or curve["measured_busy"]:
         why = (f"says verifying N = {curve['implausible']} tokens costs less than one"
@@ -394,6 +403,7 @@ def run(*, model, threads, n_ctx, n_gpu_layers, suite: str, data_dir, methods: l
     reported as failed with the reason.
     """
     from racer_local import ngram
+    from racer_local.drafters.racer import calibration_table, shared_calibration
     from racer_local.engine import Engine
     from racer_local.llama_server_build import PeerBuildError, find_or_build
 
@@ -428,6 +438,9 @@ def run(*, model, threads, n_ctx, n_gpu_layers, suite: str, data_dir, methods: l
             for runs in results.values():
                 compare_greedy(engine, runs)
         env = {**environment(engine), "native_index": ngram.NATIVE, **peer}
+        calibration = {label: calibration_table(shared_calibration(engine.backend, method,
+                                                                   sampling["temperature"] == 0))
+                       for label, method in pairs if method in methods_.RACERS}
     summary = summarize(results, prompts, list(runners))
     data = {
         "command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
@@ -436,6 +449,7 @@ def run(*, model, threads, n_ctx, n_gpu_layers, suite: str, data_dir, methods: l
                      "limit": limit, "max_tokens": max_tokens, **sampling},
         "environment": env, "cost_curve": curve, "warmup_errors": warmup_errors,
         "summary": summary, "versus_peers": versus_peers(summary), "same_engine": same_engine(summary),
+        "calibration": calibration,
         "failures": sum(m["overall"]["failed"] for m in summary.values()),
         "prompts": {p.id: {"suite": p.suite, "category": p.category, "turns": list(p.turns),
                            "cpu_share": cpu_share[p.id],

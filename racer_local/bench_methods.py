@@ -142,8 +142,13 @@ class LlamaCppServer:
                                   n_batch=b.n_batch, n_gpu_layers=b.n_gpu_layers, spec_type=spec_type)
 
     def generate(self, prompt: list[int], max_tokens: int, sampling: dict) -> Turn:
+        greedy = sampling.get("temperature", 0.0) == 0
         fields = {"n_predict": max_tokens, "cache_prompt": False, "return_tokens": True,
-                  "temperature": sampling.get("temperature", 0.0), "top_k": sampling.get("top_k", 0),
+                  # Greedy with top_k 1, as llama-server users do: the same argmax, without its
+                  # sampler chain sorting the whole vocabulary each token (measured: 0.88x `ar`
+                  # with top_k 0 on gemma-3-270m, 0.99x with top_k 1).
+                  "temperature": sampling.get("temperature", 0.0),
+                  "top_k": 1 if greedy else sampling.get("top_k", 0),
                   "top_p": sampling.get("top_p", 1.0), "min_p": sampling.get("min_p", 0.0),
                   "repeat_penalty": sampling.get("repeat_penalty", 1.0),
                   "repeat_last_n": sampling.get("repeat_last_n", 64),

@@ -133,7 +133,7 @@ def chat_tokens(engine, messages: list[tuple[str, str]]) -> list[int]:
     """Prompt token ids for (role, text) turns ending where the assistant speaks next, exactly as
     Engine.chat sends them: the engine's chat format (templates.py: the GGUF's own template,
     else Gemma turns for Gemma models, else a plain transcript) and its BOS handling."""
-    return engine._tokenize_chat(engine.chat_format.render(messages))
+    return engine.chat_tokens([{"role": role, "content": text} for role, text in messages])
 
 
 def reply_text(engine, text: str) -> str:

@@ -166,13 +166,49 @@ def chat(model, threads, n_ctx, n_gpu_layers, system, max_tokens, method, chat_f
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    with _engine(model, threads, n_ctx, n_gpu_layers) as engine:
+    with _engine(model or _chat_model(), threads, n_ctx, n_gpu_layers) as engine:
         engine.chat_format = chat_format
         click.echo(banner(engine, method))
         session = ChatSession(engine, system=system, show_stats=show_stats,
                               truncate=None if no_truncate else "oldest",
                               options=dict(max_tokens=max_tokens, method=method, **sampling))
         session.run()
+
+
+def _chat_model() -> str:
+    from racer_local.models import chat_model
+
+    name = chat_model()
+    click.echo(f"model: {name} (the chat default; --model chooses another)", err=True)
+    return name
+
+
+@main.command()
+@model_options
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind; anything but loopback lets other machines in.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@click.option("--api-key", envvar="RACER_LOCAL_API_KEY",
+              help="Require 'Authorization: Bearer KEY' (env RACER_LOCAL_API_KEY).")
+@click.option("--method", type=click.Choice(list(DRAFTERS)), default="racer", show_default=True,
+              help="Drafting method for requests that name none (a request's `method` field overrides).")
+@click.option("--max-queue", type=click.IntRange(min=1),
+              help="Requests running or waiting before new ones are answered 503 (default: 16).")
+@_friendly_errors
+def serve(model, threads, n_ctx, n_gpu_layers, host, port, api_key, method, max_queue):
+    """An OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models) with a
+    web chat at /."""
+    from racer_local.server import serve as run_server
+
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        click.echo(f"warning: serving on {host} without --api-key: anyone who can reach this machine "
+                   "can use the model", err=True)
+    with _engine(model or _chat_model(), threads, n_ctx, n_gpu_layers) as engine:
+        engine.default_method = method
+        click.echo(f"racer-local: http://{host}:{port}/ (web chat), OpenAI API at http://{host}:{port}/v1",
+                   err=True)
+        run_server(engine, host=host, port=port, api_key=api_key,
+                   **({"max_queue": max_queue} if max_queue else {}))
 
 
 @main.command("models")

@@ -4,7 +4,9 @@ On a CPU verifying 8 tokens costs several times one token, and the curve is not 
 monotone (llama.cpp picks kernels by batch size: here 8 tokens cost less than 6). So the
 tree size is chosen from this machine's own curve: measured once per model and thread count
 (a few seconds, on a scratch sequence id that never touches the committed text), cached on
-disk, and interpolated between measured sizes.
+disk, and interpolated between measured sizes. A curve measured on a busy moment has the wrong
+shape, so `LiveCost` refines it from the step times the decode loop observes: per size, the
+median of the recent steps' ratio to the measured curve, and never cheaper for more tokens.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import json
 import os
 import platform
 import time
+import weakref
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +25,7 @@ import numpy as np
 from racer_local.backend import Backend
 from racer_local.models import cache_dir
 
-SIZES = (*range(1, 13), 14, 16, 20, 24, 32)
+SIZES = (*range(1, 13), 14, 16, 20, 24, 32, 40, 48, 63)  # 63: the most nodes a tree gets (n_seq_max 64)
 
 
 @dataclass(frozen=True)
@@ -113,3 +117,61 @@ def _busy() -> bool:
         return os.getloadavg()[0] > 0.25 * (os.cpu_count() or 1)
     except OSError:  # no load average on this platform
         return False
+
+
+class LiveCost:
+    """A measured curve refined online from observed step times (seconds per tree size).
+
+    time(n) = measured(n) x the median ratio observed/measured of the last WINDOW steps of
+    that size (or of the last steps of every size, for a size seen fewer than MIN_SEEN times),
+    made non-decreasing in n: noise never makes a bigger tree look cheaper. Observed steps
+    include the walk and the bookkeeping, which the measurement leaves out; so the refined
+    curve is the cost a step really has. Each observation costs microseconds: it runs every step.
+    """
+
+    WINDOW = 16
+    MIN_SEEN = 4
+
+    def __init__(self, base: CostCurve) -> None:
+        self.base, self.sizes = base, base.sizes
+        top = max(base.sizes)
+        self._base = np.array([base.time(max(n, 1)) for n in range(top + 1)])
+        self._ratio = np.full(top + 1, np.nan)  # per size, once seen MIN_SEEN times
+        self._seen: dict[int, deque] = {}
+        self._recent: deque = deque(maxlen=self.WINDOW)
+        self._table = self._base.copy()
+
+    def observe(self, n: int, seconds: float) -> None:
+        if not 1 <= n < len(self._base):
+            return
+        ratio = seconds / self._base[n]
+        seen = self._seen.setdefault(n, deque(maxlen=self.WINDOW))
+        seen.append(ratio)
+        self._recent.append(ratio)
+        if len(seen) >= self.MIN_SEEN:
+            self._ratio[n] = _median(seen)
+        overall = _median(self._recent)
+        ratios = np.where(np.isnan(self._ratio), overall, self._ratio)
+        self._table = np.maximum.accumulate(self._base * ratios)
+
+    def time(self, n: int) -> float:
+        if n < len(self._table):
+            return float(self._table[n])
+        return self.base.time(n) * float(self._table[-1] / self._base[-1])
+
+
+def _median(values) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
+_live: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def live(backend: Backend, method: str) -> LiveCost:
+    """The backend's curve as `method` sees it (its per-row bookkeeping included), refined by
+    every generation of that method on the backend."""
+    by_method = _live.setdefault(backend, {})
+    if method not in by_method:
+        by_method[method] = LiveCost(cached(backend))
+    return by_method[method]

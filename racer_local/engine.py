@@ -24,7 +24,7 @@ from __future__ import annotations
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -110,7 +110,7 @@ class Engine:
         self._streams = weakref.WeakSet()  # the cancel flags of streams requested, not finished
         self._streams_lock = threading.Lock()
         self._cached: list[int] = []  # the tokens sequence 0 of the KV cache holds
-        self._session: dict[str, Drafter] = {}  # chat drafters by method, kept across turns
+        self._session: dict[tuple[str, bool], Drafter] = {}  # chat drafters by (method, greedy), kept
         self._format: templates.ChatFormat | None = None
 
     def close(self) -> None:
@@ -121,6 +121,23 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    default_method = GenerationOptions.method  # what a request that names no method gets
+
+    # ----- OpenAI-shaped requests (the same code as `racer-local serve`) ----------------------
+
+    def create_chat_completion(self, **body):
+        """An OpenAI chat completion from keyword fields (messages=..., max_tokens=..., stream=...):
+        the response dict, or an iterator of chunk dicts with stream=True; see openai_api.py."""
+        from racer_local import openai_api
+
+        return openai_api.chat_completion(self, body)
+
+    def create_completion(self, **body):
+        """An OpenAI text completion (prompt=...), like create_chat_completion."""
+        from racer_local import openai_api
+
+        return openai_api.completion(self, body)
 
     def cancel(self) -> None:
         """Stop every stream requested and not finished, running or not started yet, after its
@@ -146,6 +163,19 @@ class Engine:
 
     def tokenize(self, prompt: str) -> list[int]:
         return self.backend.tokenize(prompt)
+
+    def chat_tokens(self, messages: Sequence[Mapping]) -> list[int]:
+        """The prompt token ids `chat` sends for OpenAI-style `messages` (the chat format, one BOS)."""
+        return self._tokenize_chat(self.chat_format.render(templates.normalize(messages)))
+
+    @property
+    def cached_tokens(self) -> int:
+        """How many tokens the KV cache holds (the conversation so far, for a chat)."""
+        return len(self._cached)
+
+    def session_drafter(self, method: str, greedy: bool = True) -> Drafter | None:
+        """The chat session's drafter for `method` and mode, if a chat has made one."""
+        return self._session.get((method, greedy))
 
     @property
     def chat_format(self) -> templates.ChatFormat:
@@ -178,7 +208,10 @@ class Engine:
                 f"the prompt has {len(tokens)} tokens but the context holds {self.backend.n_ctx}; "
                 "shorten the prompt or raise n_ctx"
             )
-        return self._run(tokens, opts, make_drafter(opts.method, self.backend), cancelled)
+        def drafter() -> Drafter:  # made under the engine's lock: a first racer measures the cost curve
+            return make_drafter(opts.method, self.backend, greedy=opts.temperature == 0)
+
+        return self._run(tokens, opts, drafter, cancelled)
 
     # ----- chat -------------------------------------------------------------------------------
 
@@ -206,9 +239,14 @@ class Engine:
             ids = self.backend.tokenize(text, add_special=False, parse_special=True)
             if len(ids) == 1:
                 stop_tokens.add(ids[0])
-        drafter = self._session.get(opts.method)
-        if drafter is None:
-            drafter = self._session[opts.method] = make_drafter(opts.method, self.backend, keep_state=True)
+        mode = (opts.method, opts.temperature == 0)
+
+        def drafter() -> Drafter:  # the session's, made under the engine's lock on first use
+            if mode not in self._session:
+                self._session[mode] = make_drafter(opts.method, self.backend, keep_state=True,
+                                                   greedy=opts.temperature == 0)
+            return self._session[mode]
+
         return self._run(tokens, replace(opts, stop=(*opts.stop, *fmt.stop)), drafter, cancelled, stop_tokens)
 
     def _chat_tokens(self, messages, fmt, max_tokens: int, truncate: str | None) -> list[int]:
@@ -242,14 +280,15 @@ class Engine:
 
     # ----- the generation loop ----------------------------------------------------------------
 
-    def _run(self, tokens, opts: GenerationOptions, drafter: Drafter, cancelled: threading.Event,
-             stop_tokens=frozenset()) -> Iterator[Chunk]:
+    def _run(self, tokens, opts: GenerationOptions, drafter: Callable[[], Drafter],
+             cancelled: threading.Event, stop_tokens=frozenset()) -> Iterator[Chunk]:
         choose = opts.sampler(tokens)  # validates the sampling options now, not at the first next()
         text = TextStream(opts.stop)
         return self._steps(tokens, drafter, choose, text, opts.max_tokens, cancelled, stop_tokens)
 
-    def _steps(self, tokens, drafter, choose, text, max_tokens, cancelled, stop_tokens) -> Iterator[Chunk]:
+    def _steps(self, tokens, make, choose, text, max_tokens, cancelled, stop_tokens) -> Iterator[Chunk]:
         with self._exclusive(), self._finally_forget(cancelled):
+            drafter = make()
             stats = Stats(prompt_tokens=len(tokens))
             t0 = time.perf_counter()
             try:

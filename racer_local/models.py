@@ -93,6 +93,26 @@ def _entry(name: str, spec: dict, source) -> ModelEntry:
     return entry
 
 
+def chat_model() -> str:
+    """The registry's `chat_default` when its package is installed, else its `default`."""
+    default, entries = load_registry()
+    name = _registry_value("chat_default")
+    if name in entries and is_present(entries[name]):
+        return name
+    return default
+
+
+def _registry_value(key: str):
+    value = None
+    for source in [files("racer_local").joinpath("models.toml"),
+                   *(Path(p) for p in os.environ.get(ENV_REGISTRY, "").split(os.pathsep) if p)]:
+        try:
+            value = tomllib.loads(source.read_text(encoding="utf-8")).get(key, value)
+        except (OSError, tomllib.TOMLDecodeError):
+            pass  # load_registry reports unreadable files
+    return value
+
+
 def resolve_model(spec: str | os.PathLike | None) -> Path:
     """A usable local GGUF path for `spec`: None (the default), a path, or a registry name."""
     default, entries = load_registry()
@@ -206,7 +226,12 @@ def _hub_cached(entry: ModelEntry) -> Path | None:
 
 
 def _embedded(entry: ModelEntry) -> Path:
-    """Assemble the packaged model once; a stamp file saves re-hashing it on every start."""
+    """Assemble the packaged model once; a stamp file saves re-hashing it on every start. A
+    package that carries the file whole is used in place, without importing it."""
+    spec = importlib.util.find_spec(entry.package)
+    where = list(spec.submodule_search_locations or []) if spec else []
+    if where and (Path(where[0]) / entry.file).is_file():
+        return _packaged_file(entry, Path(where[0]) / entry.file)
     try:
         package = importlib.import_module(entry.package)
     except ImportError:
@@ -226,6 +251,20 @@ def _embedded(entry: ModelEntry) -> Path:
     tmp.replace(target)
     stamp.write_text(_fingerprint(target))
     return target
+
+
+def _packaged_file(entry: ModelEntry, path: Path) -> Path:
+    """A GGUF inside an installed package, its sha256 checked once (a stamp in the cache)."""
+    if not path.is_file():
+        raise ModelError(f"the package {entry.package!r} has no {entry.file}: reinstall it")
+    stamp = cache_dir() / "models" / (entry.file + ".verified")
+    if stamp.exists() and stamp.read_text() == f"{path} {_fingerprint(path)}":
+        return path
+    if entry.sha256 and _sha256(path) != entry.sha256:
+        raise ModelError(f"{path} does not match models.toml's sha256: reinstall {entry.package!r}")
+    stamp.parent.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(f"{path} {_fingerprint(path)}")
+    return path
 
 
 def _fingerprint(path: Path) -> str:

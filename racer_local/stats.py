@@ -17,9 +17,14 @@ class Stats:
     draft_s: float = 0.0  # part of decode_s spent drafting and updating the drafter
 
     @property
-    def mean_accepted(self) -> float:
+    def tokens_per_step(self) -> float:
         """Tokens committed per forward pass: 1.0 for plain decoding."""
         return self.generated_tokens / self.steps if self.steps else 0.0
+
+    @property
+    def mean_accepted(self) -> float:
+        """The old name of tokens_per_step, kept for one release (also in to_dict)."""
+        return self.tokens_per_step
 
     @property
     def tokens_per_s(self) -> float:
@@ -27,12 +32,14 @@ class Stats:
         return self.generated_tokens / self.decode_s if self.decode_s > 0 else 0.0
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "mean_accepted": self.mean_accepted, "tokens_per_s": self.tokens_per_s}
+        return {**asdict(self), "tokens_per_step": self.tokens_per_step,
+                "mean_accepted": self.tokens_per_step,  # deprecated alias of tokens_per_step
+                "tokens_per_s": self.tokens_per_s}
 
     def summary(self) -> str:
         rate = f"{self.accepted}/{self.drafted} drafted accepted" if self.drafted else "no drafts"
         return (
             f"{self.generated_tokens} tokens in {self.steps} steps "
-            f"({self.mean_accepted:.2f} per step, {rate}), {self.tokens_per_s:.1f} tok/s; "
+            f"({self.tokens_per_step:.2f} per step, {rate}), {self.tokens_per_s:.1f} tok/s; "
             f"prompt {self.prompt_tokens} tokens in {self.prefill_s:.2f}s"
         )

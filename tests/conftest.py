@@ -7,6 +7,10 @@ tests must not use them.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+
 import pytest
 
 
@@ -28,3 +32,26 @@ def engine(model_path):
 
     with Engine(model_path, n_ctx=1024, threads=2) as e:
         yield e
+
+
+def start_server(model_path, *extra):
+    """`racer-local serve` on a free loopback port: (process, base URL) once /health answers."""
+    import httpx
+
+    from racer_local.llama_server import free_port
+
+    port = free_port()
+    cmd = [sys.executable, "-c", "from racer_local.cli import main; main()", "serve", "--model",
+           str(model_path), "--port", str(port), "--n-ctx", "1024", "--threads", "1", *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read()
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("the server did not start within 120 s")

@@ -135,7 +135,7 @@ def bench_run(tmp_path_factory, model_path):
             "--n-ctx", "512", "-m", str(model_path), "--out", str(out),
             "--methods", "ar,ar,pld,failing,llama-cpp-python-pld"]
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(DRAFTERS, "failing", lambda backend, keep_state=False: Failing())
+        mp.setitem(DRAFTERS, "failing", lambda backend, **kw: Failing())
         result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     return out, json.loads((out / "results.json").read_text())

@@ -156,7 +156,7 @@ class Recording(Drafter):
 def test_a_chat_session_keeps_its_drafter_until_reset(engine, monkeypatch):
     Recording.made = []
     monkeypatch.setattr(engine_module, "make_drafter",
-                        lambda method, backend, keep_state=False: Recording(keep_state))
+                        lambda method, backend, keep_state=False, **kw: Recording(keep_state))
     engine.reset()
     messages = [{"role": "user", "content": "Say something."}]
     reply = engine.chat(messages, max_tokens=3)
@@ -207,7 +207,7 @@ def test_stop_tokens_end_a_reply_before_them(engine):
     stop = free.tokens[3]
     tokens = engine.tokenize(prompt)
     opts = GenerationOptions(max_tokens=6, method="ar")
-    chunks = list(engine._run(tokens, opts, Drafter(), engine._cancel_flag(), {stop}))
+    chunks = list(engine._run(tokens, opts, Drafter, engine._cancel_flag(), {stop}))
     assert chunks[-1].finish_reason == "stop"
     text = "".join(c.text for c in chunks)
     assert text == engine.backend.detokenize(free.tokens[: free.tokens.index(stop)])

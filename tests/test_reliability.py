@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from racer_local.costmodel import CostCurve
-from racer_local.drafters.racer import Racer
+from racer_local.drafters.racer import Racer, RacerConfig
 from racer_local.errors import DecodeError
 from racer_local.ngram import min_nodes
 
@@ -169,7 +169,8 @@ def test_a_decode_failure_mid_generation_rolls_the_cache_back(small, monkeypatch
 
 def test_racer_drafter_memory_is_bounded_on_a_long_stream():
     vocab, cap = 512, min_nodes(10) + 40
-    drafter = Racer(CostCurve((1, 2, 4, 8), (1.0, 1.1, 1.3, 1.8)), max_index_nodes=cap, keep_state=True)
+    drafter = Racer(CostCurve((1, 2, 4, 8), (1.0, 1.1, 1.3, 1.8)), RacerConfig(max_index_nodes=cap),
+                    keep_state=True)
     rng = np.random.default_rng(1)
     phrases = [rng.integers(0, vocab, size=int(rng.integers(3, 12))).tolist() for _ in range(40)]
     stream = []
@@ -199,10 +200,10 @@ def test_racer_drafter_memory_is_bounded_on_a_long_stream():
         assert drafter.index.node_count <= cap
     assert peak == cap  # the cap was reached and held, not merely never approached
     assert drafter.table.ids.nbytes + drafter.table.gaps.nbytes == table_bytes
-    assert drafter.table.ids.shape == (vocab, drafter.top_k)
+    assert drafter.table.ids.shape == (vocab, drafter.config.top_k)
     assert len(drafter.calibration.counts) < 200  # keyed by candidate kind, not by token
     assert not drafter._keys  # per-step bookkeeping is cleared after every observe
-    assert len(drafter.index) == len(drafter._seen)
+    assert len(drafter.index) == drafter.history.n
 
 
 

@@ -23,7 +23,7 @@ import racer_local.decode as decode
 from racer_local.costmodel import CostCurve
 from racer_local.decode import speculate
 from racer_local.drafters.base import Drafter
-from racer_local.drafters.racer import Racer
+from racer_local.drafters.racer import Racer, RacerConfig
 from racer_local.sampling import Sampler
 from racer_local.tree import DraftTree
 from racer_local.verify import walk
@@ -240,7 +240,7 @@ class LikelyTree(Drafter):
 
 def racer_drafter() -> Racer:
     flat = CostCurve((1, 2, 64), (1.0, 1.01, 1.5))  # drafting looks nearly free: big trees
-    return Racer(flat, max_nodes=24, prompt_rows=16)  # seed the table from the whole toy prompt
+    return Racer(flat, RacerConfig(max_nodes=24, prompt_rows=16))  # seed the table from the whole toy prompt
 
 
 DRAFTERS = {"ar": Drafter, "likely-tree": LikelyTree, "racer": racer_drafter}

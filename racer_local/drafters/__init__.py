@@ -1,5 +1,6 @@
 """Drafters by method name. Each call makes a fresh drafter for a backend; `keep_state=True`
-asks for one that carries what it learned across the requests of a session (chat)."""
+asks for one that carries its context index across the requests of a session (chat), and
+`greedy` says which calibration (greedy or sampled acceptance) a RACER drafter starts from."""
 
 from __future__ import annotations
 
@@ -13,28 +14,31 @@ if TYPE_CHECKING:  # the backend loads llama.cpp; `racer-local --help` should no
     from racer_local.backend import Backend
 
 
-def _racer(**fixed) -> Callable[..., Drafter]:
-    def make(backend: Backend, keep_state: bool = False) -> Drafter:
+def _racer(method: str, **sources) -> Callable[..., Drafter]:
+    def make(backend: Backend, keep_state: bool = False, greedy: bool = True) -> Drafter:
         from racer_local import costmodel
-        from racer_local.drafters.racer import Racer
+        from racer_local.drafters.racer import Racer, RacerConfig, shared_calibration
 
-        return Racer(costmodel.cached(backend), keep_state=keep_state, **fixed)
+        return Racer(costmodel.live(backend, method), RacerConfig(**sources), keep_state=keep_state,
+                     calibration=shared_calibration(backend, method, greedy))
 
     return make
 
 
 DRAFTERS: dict[str, Callable[..., Drafter]] = {
-    "racer": _racer(),
-    "racer-retrieval": _racer(logits=False),
-    "racer-logits": _racer(retrieval=False),
-    "pld": lambda backend, keep_state=False: PromptLookup(),  # rebuilt from the context anyway
-    "ar": lambda backend, keep_state=False: Drafter(),
+    "racer": _racer("racer"),
+    # Ablations: one source at a time.
+    "racer-retrieval": _racer("racer-retrieval", logits=False, copy=False),
+    "racer-logits": _racer("racer-logits", retrieval=False, copy=False),
+    "racer-copy": _racer("racer-copy", retrieval=False, logits=False),
+    "pld": lambda backend, keep_state=False, greedy=True: PromptLookup(),  # rebuilt from the context
+    "ar": lambda backend, keep_state=False, greedy=True: Drafter(),
 }
 
 
-def make_drafter(method: str, backend: Backend, *, keep_state: bool = False) -> Drafter:
+def make_drafter(method: str, backend: Backend, *, keep_state: bool = False, greedy: bool = True) -> Drafter:
     try:
         make = DRAFTERS[method]
     except KeyError:
         raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(DRAFTERS)}") from None
-    return make(backend, keep_state=keep_state)
+    return make(backend, keep_state=keep_state, greedy=greedy)

@@ -1,15 +1,22 @@
-"""RACER: one draft tree from retrieval (n-gram index) and copy-logits (the model's own top-k).
+"""RACER: one draft tree from retrieval (n-gram index), copy-logits (the model's own top-k) and
+long copies (prompt lookup's matched occurrence), verified in one pass.
 
-Every candidate child of a tree node comes from one or both sources:
+Every candidate child of a tree node comes from one or more sources:
 - retrieval: continuations seen after the context's matched suffixes (ngram.NgramIndex);
 - logits: `table[token]`, the target's top-k after the last place `token` was an input,
-  refreshed from every verified node, rejected ones included.
+  refreshed from every verified node, rejected ones included;
+- copy: the tokens that followed the most recent occurrence of the context's longest matching
+  suffix, as far as the cost curve lets a chain pay, not as far as the index window reaches
+  (names and numbers in translations, quotes in summaries, code edits).
 Each candidate gets a calibrated probability of being accepted given its parent was: the
 acceptance rate observed so far for candidates of its kind (which sources proposed it, at
-what rank and logit gap, with what count), starting from a weak prior. A best-first search
-then grows the tree by path probability, and the tree size N is the one that maximises
-expected tokens per second, (1 + sum of the first N-1 path probabilities) / cost(N), on the
-measured cost curve: when drafts keep failing it shrinks to the root alone, plain decoding.
+what rank and logit gap, how long the copied match is and how far into the copy it is),
+starting from a weak prior. A best-first search then grows the tree by path probability,
+and the tree size N is the one that maximises expected tokens per second,
+(1 + sum of the first N-1 path probabilities) / cost(N), on the cost curve (measured, then
+refined from the step times observed here): when drafts keep failing it shrinks to the root
+alone, plain decoding. Calibrations are shared by the drafters of one backend, method and
+mode (greedy or sampled), so a request starts from what earlier ones observed.
 
 Seeding the table from the prompt costs a full vocabulary projection per prompt position
 (about 4 ms each for gemma-3-270m's 262k vocabulary on 2 CPU cores). Measured side by side on
@@ -23,24 +30,44 @@ from __future__ import annotations
 
 import heapq
 import time
+import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
-from racer_local.costmodel import CostCurve
 from racer_local.drafters.base import Drafter
 from racer_local.ngram import NgramIndex, topk_rows
 from racer_local.tree import DraftTree
 
 GAP_EDGES = (1.0, 2.0, 4.0)  # logit-gap buckets: how sure the target was
 ANCHOR_EDGES = (2, 4, 8)  # retrieval anchor-score buckets: about how long the match is
+COPY_MATCH_EDGES = (3, 4, 8)  # copy: matched suffix length buckets (2, 3, 4-7, 8+ tokens)
+COPY_POS_EDGES = (2, 3, 5, 9, 17)  # copy: position in the copied run (1, 2, 3-4, 5-8, 9-16, 17+)
+
+
+@dataclass(frozen=True)
+class RacerConfig:
+    """RACER's settings; the sources can be switched off for ablations."""
+
+    retrieval: bool = True
+    logits: bool = True
+    copy: bool = True
+    top_k: int = 8  # copy-logit table width: the paper's k
+    window: int = 10  # n-gram index window: the paper's
+    max_index_nodes: int = 100_000  # index node cap: bounds memory in long sessions (measured here)
+    prompt_rows: int = 1  # prompt positions seeding the table: see the module docstring
+    max_nodes: int | None = None  # tree size cap; None: the cost curve's largest measured size
+    copy_match: int = 8  # longest suffix the copy source matches (longer ones add nothing)
 
 
 class CopyLogitTable:
     """next[token] -> the target's top-k after `token`, with each one's logit gap to the best."""
 
     def __init__(self, n_vocab: int, k: int) -> None:
-        self.ids = np.full((n_vocab, k), -1, dtype=np.int32)
+        # Zeroed, so the pages are the kernel's until written (a full fill cost 10 ms a request
+        # for a 262k vocabulary); ids are stored plus one, 0 meaning "never seen".
+        self.ids = np.zeros((n_vocab, k), dtype=np.int32)
         self.gaps = np.zeros((n_vocab, k), dtype=np.float32)
 
     def update(self, tokens: Sequence[int], rows: np.ndarray) -> None:
@@ -53,135 +80,256 @@ class CopyLogitTable:
         gaps = top[:, :1] - top
         gaps[:, 0] = top[:, 0] - top[:, 1]
         tokens = np.asarray(tokens, dtype=np.int64)
-        self.ids[tokens] = ids
+        self.ids[tokens] = ids + 1
         self.gaps[tokens] = gaps
 
     def candidates(self, token: int) -> list[tuple[int, tuple]]:
         """(child token, calibration key) pairs, best first; none if `token` was never seen."""
-        ids = self.ids[token]
+        ids = self.ids[token] - 1
         if ids[0] < 0:
             return []
         gaps = np.searchsorted(GAP_EDGES, self.gaps[token]).tolist()
         return [(t, (min(j, 3), g)) for j, (t, g) in enumerate(zip(ids.tolist(), gaps))]
 
 
-class Calibration:
-    """Recent acceptance rate per candidate kind, started from a prior worth a few trials.
-
-    A kind is (logit rank and gap or None, retrieval count bucket or None, depth bucket).
-    Old outcomes fade (DECAY per trial of that kind): text moves between copying and free
-    writing, and the drafts' reliability moves with it.
-    """
-
-    PRIOR_WEIGHT = 2.0
-    DECAY = 0.97
+class History:
+    """The context as a growing token array, and prompt lookup's match in it."""
 
     def __init__(self) -> None:
-        self.counts: dict[tuple, list[float]] = {}
+        self.tokens = np.zeros(1024, dtype=np.int32)
+        self.n = 0
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        need = self.n + len(tokens)
+        if need > len(self.tokens):
+            self.tokens = np.resize(self.tokens, max(need, 2 * len(self.tokens)))
+        self.tokens[self.n : need] = tokens
+        self.n = need
+
+    def copy(self, root: int, longest: int, limit: int) -> tuple[int, list[int]]:
+        """(match length, continuation): what followed the most recent earlier occurrence of the
+        longest suffix of context + [root] (2..`longest` tokens) that occurred before."""
+        hay, n = self.tokens, self.n
+        if n < 2 or limit <= 0:
+            return 0, []
+        ends = np.flatnonzero(hay[: n - 1] == root)  # earlier roots that have a continuation
+        if not len(ends):
+            return 0, []
+        length = np.ones(len(ends), dtype=np.int64)
+        alive = np.ones(len(ends), dtype=bool)
+        for k in range(1, min(longest, n)):  # extend every candidate's match backwards
+            alive &= ends >= k
+            alive[alive] = hay[ends[alive] - k] == hay[n - k]
+            if not alive.any():
+                break
+            length += alive
+        best = int(length.max())
+        if best < 2:
+            return 0, []
+        at = int(ends[np.flatnonzero(length == best)[-1]])  # the most recent of the longest
+        return best, hay[at + 1 : min(at + 1 + limit, n)].tolist()
+
+
+class Calibration:
+    """Recent acceptance rate per candidate kind, shrunk towards the rate of its class.
+
+    A kind is (logit rank and gap or None, retrieval anchor bucket and best flag or None, copy
+    match and position buckets or None, depth bucket); its class is which sources proposed it
+    and the depth. A kind never tried starts at its class's observed rate (itself started
+    from a fixed prior), so a new kind on a new model is judged by what its relatives did
+    there. Old outcomes fade (DECAY per trial): text moves between copying and free writing,
+    and the drafts' reliability moves with it. `log` keeps, per kind, trials, predicted and
+    accepted totals: the bench's calibration table.
+    """
+
+    WEIGHT = 2.0  # the rate a kind is shrunk towards counts as two trials
+    DECAY = 0.97  # an outcome's weight halves after about 23 trials of its kind
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple, list[float]] = {}  # kind -> [accepted, trials], decayed
+        self.classes: dict[tuple, list[float]] = {}  # class -> [accepted, trials], decayed
+        self.log: dict[tuple, list[float]] = {}
 
     @staticmethod
     def prior(key: tuple) -> float:
-        logit, retrieved, _ = key
+        """A guess before any trial of the class: below what greedy decoding on gemma-3-270m
+        showed in the bench's calibration table here, as a wrongly trusted draft costs a tree."""
+        logit, retrieved, copied, _ = key
         p = 0.0
         if logit is not None:
             rank, gap = logit
-            p = (0.35, 0.5, 0.65, 0.8)[gap] if rank == 0 else 0.12 / rank
-        if retrieved is not None:
-            anchor, best = retrieved
-            q = (0.3, 0.45, 0.65, 0.8)[anchor] * (1.0 if best else 0.4)
-            p = max(p, q) + (0.1 if logit is not None else 0)
+            p = (0.2, 0.3, 0.45, 0.6)[gap] if rank == 0 else 0.06 / rank
+        for q in (_retrieval_prior(retrieved), _copy_prior(copied)):
+            if q is not None:
+                p = max(p, q) + (0.05 if p else 0)
         return min(p, 0.95)
 
+    @staticmethod
+    def _class(key: tuple) -> tuple:
+        return (key[0] is None, key[1] is None, key[2] is None, key[3])
+
     def p(self, key: tuple) -> float:
+        base = self.prior(key)
+        got = self.classes.get(self._class(key))
+        if got is not None:
+            base = (got[0] + self.WEIGHT * base) / (got[1] + self.WEIGHT)
         got = self.counts.get(key)
         if got is None:
-            return self.prior(key)
-        return got[0] / got[1]
+            return base
+        return (got[0] + self.WEIGHT * base) / (got[1] + self.WEIGHT)
 
     def record(self, key: tuple, accepted: bool) -> None:
-        got = self.counts.setdefault(key, [self.prior(key) * self.PRIOR_WEIGHT, self.PRIOR_WEIGHT])
-        got[0] = got[0] * self.DECAY + accepted
-        got[1] = got[1] * self.DECAY + 1
+        seen = self.log.setdefault(key, [0, 0.0, 0])
+        seen[0] += 1
+        seen[1] += self.p(key)
+        seen[2] += accepted
+        for table, k in ((self.counts, key), (self.classes, self._class(key))):
+            got = table.setdefault(k, [0.0, 0.0])
+            got[0] = got[0] * self.DECAY + accepted
+            got[1] = got[1] * self.DECAY + 1
+
+
+def _retrieval_prior(kind) -> float | None:
+    if kind is None:
+        return None
+    anchor, best = kind
+    return (0.2, 0.3, 0.45, 0.6)[anchor] * (1.0 if best else 0.4)
+
+
+def _copy_prior(kind) -> float | None:
+    if kind is None:
+        return None
+    match, pos = kind
+    return min(0.9, (0.35, 0.5, 0.6, 0.7)[match] + 0.04 * pos)
+
+
+def source_of(key: tuple) -> str:
+    """A kind's sources, e.g. "logits+copy": the rows of the bench's calibration table."""
+    names = [name for name, part in zip(("logits", "retrieval", "copy"), key[:3]) if part is not None]
+    return "+".join(names)
+
+
+def calibration_table(calibration: Calibration) -> list[dict]:
+    """Predicted vs observed acceptance per source and depth, over every trial logged."""
+    rows: dict[tuple[str, int], list[float]] = {}
+    for key, (n, predicted, accepted) in calibration.log.items():
+        row = rows.setdefault((source_of(key), key[3]), [0, 0.0, 0])
+        row[0] += n
+        row[1] += predicted
+        row[2] += accepted
+    return [{"source": src, "depth": depth if depth < 3 else "3+", "trials": n,
+             "predicted": predicted / n, "observed": accepted / n}
+            for (src, depth), (n, predicted, accepted) in sorted(rows.items())]
+
+
+# Calibrations by (backend, method, greedy): a new drafter starts where the last one left off.
+_shared: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def shared_calibration(backend, method: str, greedy: bool) -> Calibration:
+    by_mode = _shared.setdefault(backend, {})
+    return by_mode.setdefault((method, greedy), Calibration())
 
 
 class Racer(Drafter):
     name = "racer"
+    STALE = 8  # nodes searched past twice the best size found: enough for a chain to pay off
+    HINDSIGHT = 4  # candidates a step left out that are scored later against the committed text
 
-    def __init__(
-        self,
-        cost: CostCurve,
-        *,
-        retrieval: bool = True,
-        logits: bool = True,
-        top_k: int = 8,
-        window: int = 10,
-        max_index_nodes: int = 100_000,
-        prompt_rows: int = 1,
-        max_nodes: int = 32,
-        keep_state: bool = False,
-    ) -> None:
-        self.cost = cost
-        self.use_retrieval, self.use_logits = retrieval, logits
-        self.top_k, self.max_nodes = top_k, max_nodes
-        self.prefill_rows = max(1, prompt_rows) if logits else 1
-        self.index = NgramIndex(window=window, max_nodes=max_index_nodes)
+    def __init__(self, cost, config: RacerConfig = RacerConfig(), *, keep_state: bool = False,
+                 calibration: Calibration | None = None) -> None:
+        """`cost`: a costmodel curve (time(n); observe(n, s) if it learns online)."""
+        self.cost, self.config = cost, config
+        self.max_nodes = config.max_nodes or max(getattr(cost, "sizes", (32,)))
+        self.prefill_rows = max(1, config.prompt_rows) if config.logits else 1
+        self.index = NgramIndex(window=config.window, max_nodes=config.max_index_nodes)
         self.keep_state = keep_state
-        self._seen: list[int] = []  # the context indexed so far: prompt and committed tokens
+        self.history = History()  # the context indexed so far: prompt and committed tokens
         self.table: CopyLogitTable | None = None
-        self.calibration = Calibration()
+        self.calibration = calibration or Calibration()
         self._keys: dict[tuple[int, ...], tuple] = {}  # draft path -> its candidate kind
-        self._overhead = 0.0  # seconds of drafting work per step (moving average)
+        self._overhead = 0.0  # seconds of drafting per step (moving average)
         self._work = 0.0
+        self._proposed_at = 0.0  # when the last tree left propose(): its verification starts
+        self._pending: list[tuple[int, tuple[int, ...], tuple]] = []  # (root position, path, kind)
 
     def begin(self, context: Sequence[int], rows: np.ndarray) -> None:
         """Index the context. A drafter kept across requests (a chat session) only indexes what
         follows the previous context; its table and calibration carry over in any case."""
-        seen = self._seen
-        if self.keep_state and seen and list(context[: len(seen)]) == seen:
-            self.index.extend(context[len(seen) :])
+        n = self.history.n
+        if self.keep_state and 0 < n <= len(context) and np.array_equal(context[:n], self.history.tokens[:n]):
+            new = context[n:]
         else:  # a first request, or a history that was edited or re-tokenized
             self.index.reset()
-            self.index.extend(context)
-        if self.table is None or not self.keep_state:
-            self.table = CopyLogitTable(rows.shape[1], self.top_k)
-            self.calibration = Calibration()
-        self._seen = list(context)
-        if self.use_logits:
+            self.history = History()
+            self._pending = []
+            new = context
+        self.index.extend(new)
+        self.history.extend(new)
+        if self.config.logits:
+            if self.table is None or not self.keep_state:
+                self.table = CopyLogitTable(rows.shape[1], self.config.top_k)
             self.table.update(context[len(context) - len(rows) :], rows)
 
     def propose(self, root: int, budget: int) -> DraftTree:
         start = time.perf_counter()
         limit = min(budget, self.max_nodes) - 1
-        retrieved = self._retrieved(root, limit)
-        # Best-first by path probability: a child never beats its parent, so parents pop first.
+        sources = self._sourced(root, limit)
+        # Best-first by path probability: a child never beats its parent, so parents pop first,
+        # and the first n nodes popped are the best n-node tree. Its size is the n with the best
+        # expected tokens per second; the search stops once that has not improved for a while
+        # (STALE), since later nodes are no likelier.
         heap: list[tuple[float, int, tuple[int, ...], tuple]] = []
-        chosen: list[tuple[tuple[int, ...], float]] = []
+        chosen: list[tuple[int, ...]] = []
         path, p, token, tie = (), 1.0, root, 0
-        while len(chosen) < limit:
-            for child, key in self._children(path, token, retrieved):
+        size, best_rate, expected = 1, 1.0 / (self.cost.time(1) + self._overhead), 1.0
+        while len(chosen) < limit and len(chosen) + 1 < 2 * size + self.STALE:
+            for child, key in self._children(path, token, sources):
                 tie += 1
                 heapq.heappush(heap, (-p * self.calibration.p(key), tie, (*path, child), key))
             if not heap:
                 break
             neg_p, _, path, key = heapq.heappop(heap)
             p, token = -neg_p, path[-1]
-            chosen.append((path, p))
+            chosen.append(path)
             self._keys[path] = key
-        size = self._best_size([q for _, q in chosen])
-        self._work = time.perf_counter() - start
-        return DraftTree.build(root, [path for path, _ in chosen[: size - 1]])
+            expected += p
+            rate = expected / (self.cost.time(len(chosen) + 1) + self._overhead)
+            if rate > best_rate:
+                size, best_rate = len(chosen) + 1, rate
+        # The best candidates left out are scored once the text they guessed is committed, so a
+        # kind that is never drafted (its estimate too low to pay) still gets its estimate
+        # corrected: without this, a low prior would stop a good source for good.
+        at = self.history.n
+        self._pending += [(at, p, self._keys[p]) for p in chosen[size - 1 : size - 1 + self.HINDSIGHT]]
+        self._proposed_at = time.perf_counter()
+        self._work = self._proposed_at - start  # drafting: the per-step cost besides cost(N)
+        return DraftTree.build(root, chosen[: size - 1])
 
-    def _retrieved(self, root: int, budget: int) -> dict[tuple[int, ...], dict[int, tuple]]:
-        """prefix -> {next token: retrieval kind} from the n-gram index.
+    def _sourced(self, root: int, budget: int) -> dict[tuple[int, ...], dict[int, list]]:
+        """prefix -> {next token: [retrieval kind, copy kind]} from the index and the history."""
+        children: dict[tuple[int, ...], dict[int, list]] = {}
+        if budget <= 0:
+            return children
+        if self.config.retrieval:
+            for prefix, token, kind in self._retrieved(root, budget):
+                children.setdefault(prefix, {}).setdefault(token, [None, None])[0] = kind
+        if self.config.copy:
+            match, run = self.history.copy(root, self.config.copy_match, budget)
+            m = int(np.searchsorted(COPY_MATCH_EDGES, match, "right"))
+            for i, token in enumerate(run):
+                kind = (m, int(np.searchsorted(COPY_POS_EDGES, i + 1, "right")))
+                children.setdefault(tuple(run[:i]), {}).setdefault(token, [None, None])[1] = kind
+        return children
+
+    def _retrieved(self, root: int, budget: int):
+        """(prefix, next token, retrieval kind) from the n-gram index.
 
         A continuation's kind is (how strong its anchor is, is it its siblings' best). The
         anchor, its depth-1 ancestor, scores about the length of the matched context (each
         matched suffix adds its count); deeper scores shrink with the window, not with
         reliability, so they only rank siblings.
         """
-        children: dict[tuple[int, ...], dict[int, tuple]] = {}
-        if not self.use_retrieval or budget <= 0:
-            return children
         nodes = self.index.retrieve_nodes(root, budget)
         best: dict[int, int] = {}
         for _, parent, score in nodes:
@@ -193,31 +341,19 @@ class Racer(Drafter):
             anchor = anchors[parent] if parent >= 0 else int(np.searchsorted(ANCHOR_EDGES, score, "right"))
             paths.append((*prefix, token))
             anchors.append(anchor)
-            children.setdefault(prefix, {})[token] = (anchor, score == best[parent])
-        return children
+            yield prefix, token, (anchor, score == best[parent])
 
-    def _children(self, path, token, retrieved) -> list[tuple[int, tuple]]:
+    def _children(self, path, token, sources) -> list[tuple[int, tuple]]:
         kinds: dict[int, list] = {}
-        if self.use_logits and self.table is not None:
+        if self.config.logits and self.table is not None:
             for child, key in self.table.candidates(token):
-                kinds[child] = [key, None]
-        for child, kind in retrieved.get(path, {}).items():
-            kinds.setdefault(child, [None, None])[1] = kind
+                kinds[child] = [key, None, None]
+        for child, (rk, ck) in sources.get(path, {}).items():
+            kinds.setdefault(child, [None, None, None])[1:] = (rk, ck)
         depth = min(len(path) + 1, 3)
-        return [(child, (lk, rk, depth)) for child, (lk, rk) in kinds.items()]
-
-    def _best_size(self, probs: list[float]) -> int:
-        """Tree size (root included) maximising expected committed tokens per second."""
-        best, best_rate, expected = 1, 1.0 / (self.cost.time(1) + self._overhead), 1.0
-        for n, p in enumerate(probs, start=2):
-            expected += p
-            rate = expected / (self.cost.time(n) + self._overhead)
-            if rate > best_rate:
-                best, best_rate = n, rate
-        return best
+        return [(child, (lk, rk, ck, depth)) for child, (lk, rk, ck) in kinds.items()]
 
     def observe(self, tree: DraftTree, rows: np.ndarray, path: Sequence[int]) -> None:
-        start = time.perf_counter()
         on_path = set(path)
         for i in range(1, len(tree)):
             if tree.parents[i] in on_path:  # the walk reached this node's parent: it was tried
@@ -225,13 +361,30 @@ class Racer(Drafter):
                 if key is not None:
                     self.calibration.record(key, i in on_path)
         self._keys.clear()
-        if self.use_logits:
+        if self.config.logits:
             self.table.update(tree.tokens, rows)
         accepted = [tree.tokens[i] for i in path]
         self.index.extend(accepted)
-        self._seen += accepted
-        self._work += time.perf_counter() - start
+        self.history.extend(accepted)
+        self._score_pending()
+        # From the tree's hand-over to here (verification, walk, commit and this bookkeeping,
+        # which grows with the tree's rows) is what cost(N) predicts; drafting is the rest.
+        if hasattr(self.cost, "observe"):
+            self.cost.observe(len(tree), time.perf_counter() - self._proposed_at)
         self._overhead = 0.9 * self._overhead + 0.1 * self._work
+
+    def _score_pending(self) -> None:
+        """Record the left-out candidates whose guessed span is now committed text, as tried
+        (and accepted or not) where their parent would have been accepted."""
+        text, n, still = self.history.tokens, self.history.n, []
+        for at, path, key in self._pending:
+            if at + len(path) >= n:
+                still.append((at, path, key))
+                continue
+            actual = text[at + 1 : at + 1 + len(path)].tolist()
+            if actual[:-1] == list(path[:-1]):
+                self.calibration.record(key, actual[-1] == path[-1])
+        self._pending = still[-4 * self.HINDSIGHT :]
 
     @staticmethod
     def _path_of(tree: DraftTree, i: int) -> tuple[int, ...]:
