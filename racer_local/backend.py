@@ -17,6 +17,7 @@ from pathlib import Path
 import llama_cpp as ll
 import numpy as np
 
+from racer_local import defaults
 from racer_local.errors import ContextFullError, DecodeError, ModelError
 from racer_local.gguf import check_gguf
 
@@ -54,7 +55,7 @@ class Backend:
         self,
         model_path: str | Path,
         *,
-        n_ctx: int = 4096,
+        n_ctx: int = defaults.N_CTX,
         n_threads: int | None = None,
         n_gpu_layers: int = 0,
         n_seq_max: int = 64,

@@ -336,7 +336,7 @@ def plot(data: dict, path: Path) -> None:
     summary, env = data["summary"], data["environment"]
     labels = [label for label in summary if label != BASELINE]
     groups = [*summary[BASELINE]["categories"], "overall"]
-    fig, ax = plt.subplots(figsize=(min(12.0, 2 + 0.3 * len(groups) * max(2, len(labels))), 4.5))
+    fig, ax = plt.subplots(figsize=(min(14.0, 4 + 0.3 * len(groups) * max(2, len(labels))), 4.5))
     width = 0.8 / max(1, len(labels))
     x = np.arange(len(groups))
     for i, label in enumerate(labels):
@@ -354,7 +354,7 @@ def plot(data: dict, path: Path) -> None:
     ax.set_ylabel(f"decode speedup over {BASELINE}")
     ax.set_title(f"{Path(env['model']).name}: threads={env['threads']}, "
                  f"max_tokens={data['settings']['max_tokens']}", fontsize="medium")
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside: bars stay visible
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

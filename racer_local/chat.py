@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import click
 
+from racer_local import defaults
 from racer_local.engine import Engine
 from racer_local.errors import RacerError
 from racer_local.stats import Stats
@@ -53,7 +54,7 @@ class ChatSession:
     ) -> None:
         self.engine, self.system, self.truncate = engine, system, truncate
         self.options = dict(options or {})
-        self.method = self.options.get("method", "racer")
+        self.method = self.options.get("method", defaults.METHOD)
         self.show_stats, self.echo = show_stats, echo
         self.messages: list[dict] = []
         self.last: Reply | None = None

@@ -9,6 +9,7 @@ from dataclasses import fields
 
 import click
 
+from racer_local import defaults
 from racer_local.bench_suites import ENV_DATA, SUITES
 from racer_local.drafters import DRAFTERS
 from racer_local.errors import RacerError
@@ -38,9 +39,10 @@ def model_options(fn):
     for option in reversed(
         [
             click.option("-m", "--model", envvar="RACER_LOCAL_MODEL",
-                         help="GGUF path or a name from models.toml (default: the embedded model)."),
+                         help="GGUF path or a name from models.toml (default: the embedded gemma-3-270m; "
+                              "chat and serve: the registry's chat model, SmolLM2-135M-Instruct)."),
             click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: cores)."),
-            click.option("--n-ctx", type=click.IntRange(min=16), default=4096, show_default=True,
+            click.option("--n-ctx", type=click.IntRange(min=16), default=defaults.N_CTX, show_default=True,
                          help="Context window in tokens (llama.cpp rounds it up to a multiple of 256)."),
             click.option("--n-gpu-layers", type=click.IntRange(min=-1), default=0, show_default=True,
                          help="Layers to offload to a GPU build of llama.cpp (-1: all)."),
@@ -90,8 +92,9 @@ def main():
 @main.command()
 @click.argument("prompt")
 @model_options
-@click.option("-n", "--max-tokens", type=int, default=256, show_default=True, help="Tokens to generate.")
-@click.option("--method", type=click.Choice(list(DRAFTERS)), default="racer", show_default=True,
+@click.option("-n", "--max-tokens", type=int, default=defaults.MAX_TOKENS, show_default=True,
+              help="Tokens to generate.")
+@click.option("--method", type=click.Choice(list(DRAFTERS)), default=defaults.METHOD, show_default=True,
               help="Drafting method; `ar` is plain decoding.")
 @sampling_options
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
@@ -144,9 +147,10 @@ def _speedup(stats: Stats, base: Stats) -> float:
 @main.command()
 @model_options
 @click.option("-s", "--system", help="System prompt.")
-@click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=512, show_default=True,
+@click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=defaults.CHAT_MAX_TOKENS,
+              show_default=True,
               help="Most tokens per reply.")
-@click.option("--method", type=click.Choice(list(DRAFTERS)), default="racer", show_default=True,
+@click.option("--method", type=click.Choice(list(DRAFTERS)), default=defaults.METHOD, show_default=True,
               help="Drafting method; `ar` is plain decoding.")
 @sampling_options
 @click.option("--format", "chat_format", type=click.Choice(["auto", "gguf", "gemma", "plain"]),
@@ -190,7 +194,7 @@ def _chat_model() -> str:
 @click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
 @click.option("--api-key", envvar="RACER_LOCAL_API_KEY",
               help="Require 'Authorization: Bearer KEY' (env RACER_LOCAL_API_KEY).")
-@click.option("--method", type=click.Choice(list(DRAFTERS)), default="racer", show_default=True,
+@click.option("--method", type=click.Choice(list(DRAFTERS)), default=defaults.METHOD, show_default=True,
               help="Drafting method for requests that name none (a request's `method` field overrides).")
 @click.option("--max-queue", type=click.IntRange(min=1),
               help="Requests running or waiting before new ones are answered 503 (default: 16).")
@@ -282,8 +286,8 @@ def _command_line(params: dict) -> str:
                    "built once from the binding's own llama.cpp source and flags).")
 @click.option("--limit", type=click.IntRange(min=1),
               help="Prompts per category, evenly spaced (default: all).")
-@click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Tokens to generate per turn.")
+@click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=defaults.MAX_TOKENS,
+              show_default=True, help="Tokens to generate per turn.")
 @sampling_options
 @click.option("-o", "--out", type=click.Path(file_okay=False), default="bench-out", show_default=True,
               help="Directory for results.json, report.md and speedup.png.")

@@ -122,21 +122,23 @@ def _busy() -> bool:
 class LiveCost:
     """A measured curve refined online from observed step times (seconds per tree size).
 
-    time(n) = measured(n) x the median ratio observed/measured of the last WINDOW steps of
-    that size (or of the last steps of every size, for a size seen fewer than MIN_SEEN times),
-    made non-decreasing in n: noise never makes a bigger tree look cheaper. Observed steps
-    include the walk and the bookkeeping, which the measurement leaves out; so the refined
-    curve is the cost a step really has. Each observation costs microseconds: it runs every step.
+    time(n) = measured(n) x the median ratio observed/measured of the last WINDOW steps whose
+    size shares n's octave (1, 2-3, 4-7, 8-15, ...: big trees are rare, so neighbours pool
+    their evidence), or of the last steps of any size while that octave has fewer than
+    MIN_SEEN; then made non-decreasing in n, so noise never makes a bigger tree look cheaper.
+    Observed steps include the walk and the bookkeeping, which the measurement leaves out, so
+    the refined curve is the cost a step really has. An observation costs microseconds.
     """
 
     WINDOW = 16
-    MIN_SEEN = 4
+    MIN_SEEN = 3
 
     def __init__(self, base: CostCurve) -> None:
         self.base, self.sizes = base, base.sizes
         top = max(base.sizes)
         self._base = np.array([base.time(max(n, 1)) for n in range(top + 1)])
-        self._ratio = np.full(top + 1, np.nan)  # per size, once seen MIN_SEEN times
+        self._octave = np.array([max(n, 1).bit_length() for n in range(top + 1)])
+        self._ratio = np.full(self._octave.max() + 1, np.nan)  # per octave, once seen MIN_SEEN times
         self._seen: dict[int, deque] = {}
         self._recent: deque = deque(maxlen=self.WINDOW)
         self._table = self._base.copy()
@@ -145,13 +147,14 @@ class LiveCost:
         if not 1 <= n < len(self._base):
             return
         ratio = seconds / self._base[n]
-        seen = self._seen.setdefault(n, deque(maxlen=self.WINDOW))
+        octave = int(self._octave[n])
+        seen = self._seen.setdefault(octave, deque(maxlen=self.WINDOW))
         seen.append(ratio)
         self._recent.append(ratio)
         if len(seen) >= self.MIN_SEEN:
-            self._ratio[n] = _median(seen)
-        overall = _median(self._recent)
-        ratios = np.where(np.isnan(self._ratio), overall, self._ratio)
+            self._ratio[octave] = _median(seen)
+        ratios = self._ratio[self._octave]
+        ratios = np.where(np.isnan(ratios), _median(self._recent), ratios)
         self._table = np.maximum.accumulate(self._base * ratios)
 
     def time(self, n: int) -> float:

@@ -26,10 +26,10 @@ import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-from racer_local import templates
+from racer_local import defaults, templates
 from racer_local.backend import Backend
 from racer_local.decode import speculate
 from racer_local.drafters import make_drafter
@@ -41,6 +41,7 @@ from racer_local.stats import Stats
 from racer_local.text import TextStream
 
 TRUNCATE = (None, "oldest")
+_SAMPLER = {f.name: f.default for f in fields(Sampler) if f.init}
 
 
 class EngineBusyError(RacerError):
@@ -51,15 +52,16 @@ class EngineBusyError(RacerError):
 class GenerationOptions:
     """How to generate. Every method samples identically; the defaults are greedy decoding."""
 
-    max_tokens: int = 256
-    method: str = "racer"  # a drafter name (racer_local.drafters.DRAFTERS); "ar" is plain decoding
-    temperature: float = 0.0  # 0 = greedy
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1 = off
-    min_p: float = 0.0  # 0 = off
-    repeat_penalty: float = 1.0  # 1 = off; over the last repeat_last_n tokens, as llama.cpp does
-    repeat_last_n: int = 64  # llama.cpp's default window
-    seed: int | None = None  # same seed, same method, same prompt: same output
+    max_tokens: int = defaults.MAX_TOKENS
+    method: str = defaults.METHOD  # a drafter name (racer_local.drafters.DRAFTERS); "ar" is plain decoding
+    # Sampling: the sampler's own defaults (greedy), documented there; same seed, same output.
+    temperature: float = _SAMPLER["temperature"]
+    top_k: int = _SAMPLER["top_k"]
+    top_p: float = _SAMPLER["top_p"]
+    min_p: float = _SAMPLER["min_p"]
+    repeat_penalty: float = _SAMPLER["repeat_penalty"]
+    repeat_last_n: int = _SAMPLER["repeat_last_n"]
+    seed: int | None = _SAMPLER["seed"]
     stop: Sequence[str] = ()  # strings that end the generation (not included in the text)
 
     def __post_init__(self) -> None:
@@ -98,7 +100,7 @@ class Engine:
         self,
         model: str | Path | None = None,
         *,
-        n_ctx: int = 4096,
+        n_ctx: int = defaults.N_CTX,
         n_gpu_layers: int = 0,
         threads: int | None = None,
     ) -> None:
@@ -292,7 +294,7 @@ class Engine:
             stats = Stats(prompt_tokens=len(tokens))
             t0 = time.perf_counter()
             try:
-                rows = self._prefill(tokens, drafter.prefill_rows, cancelled)
+                rows, stats.cached_tokens = self._prefill(tokens, drafter.prefill_rows, cancelled)
             except DecodeError as e:
                 if not e.cancelled:
                     raise
@@ -331,7 +333,8 @@ class Engine:
             yield Chunk(text.flush(), stats=stats, finish_reason=finish)
 
     def _prefill(self, tokens: list[int], n_logits: int, cancelled: threading.Event):
-        """Decode the part of `tokens` not already cached; roll back on failure."""
+        """Decode the part of `tokens` not already cached; roll back on failure. Returns the
+        last n_logits rows and how many tokens the cache already held."""
         keep = 0
         limit = min(len(self._cached), len(tokens) - 1)  # at least one token must be decoded
         while keep < limit and self._cached[keep] == tokens[keep]:
@@ -344,7 +347,7 @@ class Engine:
             self.backend.seq_rm(0, keep, -1)
             raise
         self._cached = list(tokens)
-        return rows
+        return rows, keep
 
     @contextmanager
     def _finally_forget(self, flag: threading.Event):

@@ -48,8 +48,10 @@ def models(engine) -> dict:
 
 
 def timings(stats: Stats, method: str) -> dict:
-    """llama-server's timing names, plus racer's steps and tokens per step."""
-    return {"prompt_n": stats.prompt_tokens, "prompt_ms": stats.prefill_s * 1e3,
+    """llama-server's timing names (prompt_n: prompt tokens evaluated, cache_n: reused from the KV
+    cache), plus racer's steps and tokens per step."""
+    return {"cache_n": stats.cached_tokens, "prompt_n": stats.prompt_tokens - stats.cached_tokens,
+            "prompt_ms": stats.prefill_s * 1e3,
             "predicted_n": stats.generated_tokens, "predicted_ms": stats.decode_s * 1e3,
             "predicted_per_second": stats.tokens_per_s, "draft_n": stats.drafted,
             "draft_n_accepted": stats.accepted, "steps": stats.steps,

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 @dataclass
 class Stats:
     prompt_tokens: int = 0  # tokens in the request (cached ones included)
+    cached_tokens: int = 0  # of those, how many the KV cache already held (a chat's earlier turns)
     generated_tokens: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0

@@ -59,3 +59,23 @@ def test_a_busy_or_implausible_cached_curve_is_measured_again(fake_backend, monk
     costmodel._memo.clear()
     costmodel.cached(backend)
     assert len(measured) == 2
+
+
+def test_live_cost_learns_from_observed_steps_and_stays_monotone():
+    from racer_local.costmodel import LiveCost
+
+    base = CostCurve((1, 2, 4, 8, 16), (1.0, 1.2, 1.5, 2.0, 3.0))
+    live = LiveCost(base)
+    assert [live.time(n) for n in (1, 4, 16)] == [1.0, 1.5, 3.0]  # nothing seen: the measurement
+    for _ in range(5):
+        live.observe(1, 1.1)  # steps take 10% more than measured (walk, bookkeeping)
+    assert live.time(1) == pytest.approx(1.1)
+    assert live.time(16) == pytest.approx(3.3)  # sizes not seen yet scale too
+    for _ in range(5):
+        live.observe(12, base.time(12) * 2.0)  # big trees cost twice what the curve said
+    assert live.time(12) == pytest.approx(2 * base.time(12))
+    assert live.time(9) == pytest.approx(2 * base.time(9))  # its octave (8-15) learns with it
+    times = [live.time(n) for n in range(1, 17)]
+    assert times == sorted(times)  # never cheaper for more tokens
+    live.observe(2, 0.01)  # one outlier moves nothing: medians
+    assert live.time(2) == pytest.approx(1.1 * base.time(2))

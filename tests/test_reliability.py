@@ -107,7 +107,8 @@ def assert_same_greedy(fresh, prompt, got, want):
         return
     assert i >= 3, f"outputs part at token {i}: {got} vs {want}"
     fresh.reset()
-    row = fresh._prefill(fresh.tokenize(prompt) + want[:i], 1, threading.Event())[-1]
+    rows, _ = fresh._prefill(fresh.tokenize(prompt) + want[:i], 1, threading.Event())
+    row = rows[-1]
     gap = float(row[want[i]] - row[got[i]])
     assert gap < WARM_NOISE, f"outputs part at token {i} where the fresh engine is sure (gap {gap:.2f})"
 

@@ -133,6 +133,18 @@ def test_disconnect_mid_stream_frees_the_engine(server, client):
     assert time.monotonic() - started < 10
 
 
+def test_a_follow_up_turn_reuses_the_kv_cache(client):
+    messages = [{"role": "user", "content": "Name three colours."}]
+    first = client.chat.completions.create(model="any", messages=messages, max_tokens=8,
+                                           extra_body={"method": "ar"})
+    messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                 {"role": "user", "content": "And three animals?"}]
+    second = client.chat.completions.create(model="any", messages=messages, max_tokens=8)
+    t = second.model_extra["timings"]
+    assert t["cache_n"] >= first.usage.prompt_tokens  # the first turn was not evaluated again
+    assert t["cache_n"] + t["prompt_n"] == second.usage.prompt_tokens
+
+
 def test_two_concurrent_clients_are_both_answered(client):
     answers = {}
 

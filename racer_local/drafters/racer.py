@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from racer_local.drafters.base import Drafter
+from racer_local.drafters.history import History
 from racer_local.ngram import NgramIndex, topk_rows
 from racer_local.tree import DraftTree
 
@@ -90,44 +91,6 @@ class CopyLogitTable:
             return []
         gaps = np.searchsorted(GAP_EDGES, self.gaps[token]).tolist()
         return [(t, (min(j, 3), g)) for j, (t, g) in enumerate(zip(ids.tolist(), gaps))]
-
-
-class History:
-    """The context as a growing token array, and prompt lookup's match in it."""
-
-    def __init__(self) -> None:
-        self.tokens = np.zeros(1024, dtype=np.int32)
-        self.n = 0
-
-    def extend(self, tokens: Sequence[int]) -> None:
-        need = self.n + len(tokens)
-        if need > len(self.tokens):
-            self.tokens = np.resize(self.tokens, max(need, 2 * len(self.tokens)))
-        self.tokens[self.n : need] = tokens
-        self.n = need
-
-    def copy(self, root: int, longest: int, limit: int) -> tuple[int, list[int]]:
-        """(match length, continuation): what followed the most recent earlier occurrence of the
-        longest suffix of context + [root] (2..`longest` tokens) that occurred before."""
-        hay, n = self.tokens, self.n
-        if n < 2 or limit <= 0:
-            return 0, []
-        ends = np.flatnonzero(hay[: n - 1] == root)  # earlier roots that have a continuation
-        if not len(ends):
-            return 0, []
-        length = np.ones(len(ends), dtype=np.int64)
-        alive = np.ones(len(ends), dtype=bool)
-        for k in range(1, min(longest, n)):  # extend every candidate's match backwards
-            alive &= ends >= k
-            alive[alive] = hay[ends[alive] - k] == hay[n - k]
-            if not alive.any():
-                break
-            length += alive
-        best = int(length.max())
-        if best < 2:
-            return 0, []
-        at = int(ends[np.flatnonzero(length == best)[-1]])  # the most recent of the longest
-        return best, hay[at + 1 : min(at + 1 + limit, n)].tolist()
 
 
 class Calibration:

@@ -1,0 +1,7 @@
+"""The defaults a user sees, each in one place with its reason. The API, the CLI and the server
+read them from here (sampling defaults live with the sampler, racer's with RacerConfig)."""
+
+N_CTX = 4096  # tokens of context: Spec-Bench's longest dev prompts plus a reply fit; llama.cpp rounds to 256
+METHOD = "racer"  # the product; "ar" is plain decoding through the same loop
+MAX_TOKENS = 256  # generate and bench: about a screen of text
+CHAT_MAX_TOKENS = 512  # chat replies: long answers without running on for ever
