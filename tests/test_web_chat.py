@@ -15,18 +15,27 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (.
 
 
 @pytest.fixture(scope="module")
-def page():
-    from racer_local.models import chat_model, resolve_model
-
-    proc, url = start_server(resolve_model(chat_model()))  # an instruction model: replies end
+def browser():
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=[
             "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync"])
-        page = browser.new_page(viewport={"width": 1000, "height": 700})
-        page.goto(url + "/")
-        yield page
+        yield browser
         browser.close()
+
+
+def _chat_model():
+    from racer_local.models import chat_model, resolve_model
+
+    return resolve_model(chat_model())  # an instruction model: its replies end
+
+
+@pytest.fixture(scope="module")
+def page(browser):
+    proc, url = start_server(_chat_model())
+    page = browser.new_page(viewport={"width": 1000, "height": 700})
+    page.goto(url + "/")
+    yield page
     proc.terminate()
     proc.wait(timeout=20)
 
@@ -59,3 +68,21 @@ def test_stop_really_stops_the_reply(page):
     page.wait_for_function("document.querySelectorAll('.assistant').length == 2 && "
                            "document.querySelector('#send').disabled === false", timeout=60000)
     assert "tok/s" in page.locator(".assistant .stats").last.inner_text()
+
+
+def test_a_server_with_an_api_key_asks_for_it_once(browser):
+    proc, url = start_server(_chat_model(), "--api-key", "s3cret")
+    try:
+        page = browser.new_page()
+        asked = []
+        page.on("dialog", lambda d: (asked.append(d.message), d.accept("s3cret")))
+        page.goto(url + "/")
+        page.fill("#input", "Say hello.")
+        page.press("#input", "Enter")
+        page.wait_for_function("document.querySelector('.assistant:last-of-type .stats').textContent",
+                               timeout=60000)
+        assert "tok/s" in page.locator(".assistant .stats").last.inner_text()
+        assert len(asked) == 1 and "API key" in asked[0]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
