@@ -372,15 +372,18 @@ def versus_peers(summary: dict, racer: str = "racer") -> dict:
     peers = [label for label in summary if methods_.is_peer(label)]
     if racer not in summary or not peers:
         return {}
-    groups = {**{c: lambda s, c=c: s["categories"][c] for c in summary[racer]["categories"]},
-              "overall": lambda s: s["overall"]}
     out = {}
-    for name, pick in groups.items():
-        best = max(peers, key=lambda label: pick(summary[label])["speedup"])
-        theirs, ours = pick(summary[best])["speedup"], pick(summary[racer])["speedup"]
+    for name in [*summary[racer]["categories"], "overall"]:
+        best = max(peers, key=lambda label: _group(summary[label], name)["speedup"])
+        theirs, ours = _group(summary[best], name)["speedup"], _group(summary[racer], name)["speedup"]
         out[name] = {"best_peer": best, "peer_speedup": theirs, "racer_speedup": ours,
                      "ratio": _rate(ours, theirs)}
     return out
+
+
+def _group(method_summary: dict, name: str) -> dict:
+    """One method's metrics for a category, or for all prompts when name is "overall"."""
+    return method_summary["overall"] if name == "overall" else method_summary["categories"][name]
 
 
 def same_engine(summary: dict) -> float | None:

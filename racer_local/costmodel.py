@@ -5,7 +5,7 @@ monotone (llama.cpp picks kernels by batch size: here 8 tokens cost less than 6)
 tree size is chosen from this machine's own curve: measured once per model and thread count
 (a few seconds, on a scratch sequence id that never touches the committed text), cached on
 disk, and interpolated between measured sizes. A curve measured on a busy moment has the wrong
-shape, so `LiveCost` refines it from the step times the decode loop observes: per size, the
+shape, so `LiveCost` refines it from the step times the decode loop observes: per size octave, the
 median of the recent steps' ratio to the measured curve, and never cheaper for more tokens.
 """
 
