@@ -6,16 +6,15 @@ machine noise hits all alike. The KV cache is cleared before every generation, s
 prefilled cold, and every generation gets a fresh drafter. Prefill and decode are timed apart.
 Aggregates are totals (sum of tokens / sum of seconds), never means of ratios, and a method's
 speedup is over `ar` on the same prompts. Failures are recorded with their error and counted.
-Writes results.json, report.md and speedup.png. Prompts and formatting live in bench_suites.py,
-the methods (ours and llama.cpp's) in bench_methods.py, the command line in cli.py. Leaves out
-task accuracy (no answer checking).
+Writes results.json, report.md and speedup.png (bench_report.py). Prompts and formatting live
+in bench_suites.py, the methods (ours and llama.cpp's) in bench_methods.py, the command line in
+cli.py. Leaves out task accuracy (no answer checking).
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import json
 import os
 import platform
 import sys
@@ -26,13 +25,14 @@ from pathlib import Path
 import numpy as np
 
 from racer_local import bench_methods as methods_
+from racer_local import bench_report
 from racer_local import bench_suites as suites
-from racer_local.bench_methods import BASELINE, LLAMA_CPP, Turn
+from racer_local.bench_methods import BASELINE, LLAMA_CPP, Turn, peer_cpu_seconds
+from racer_local.bench_report import BUSY
 
 # Where a speculative output first differs from `ar`, a plain-decoding top-2 margin below this
 # (logits) is a near-tie that batched kernels may flip: the bound tests/test_lossless.py measured.
 NEAR_TIE = 1.0
-BUSY = 0.6  # a prompt's CPU share below this means another job competed for the cores
 SUMS = ("generated_tokens", "prefill_s", "decode_s", "steps", "drafted", "accepted", "draft_s")
 
 
@@ -68,8 +68,9 @@ def run_prompt(engine, method, prompt: suites.Prompt, max_tokens: int, sampling:
 def run_all(engine, methods: dict, prompts: list[suites.Prompt], *, max_tokens: int,
             sampling: dict, progress: bool = True):
     """Methods interleaved per prompt. Returns {prompt id: {label: Run}}, {label: warm-up
-    error} and {prompt id: CPU share}: this process's CPU seconds over wall seconds x threads
-    while the prompt ran, which drops (to ~0.5) when another job competes for the cores."""
+    error} and {prompt id: CPU share}: the CPU seconds of this process and its llama-server
+    peers over wall seconds x threads while the prompt ran, which drops (to ~0.5) when
+    another job competes for the cores."""
     from tqdm import tqdm
 
     labels = list(methods)
@@ -88,15 +89,19 @@ def run_all(engine, methods: dict, prompts: list[suites.Prompt], *, max_tokens: 
               disable=not progress, dynamic_ncols=True) as bar:
         for k, prompt in enumerate(prompts):
             results[prompt.id] = {}
-            wall, cpu = time.perf_counter(), time.process_time()
+            wall, cpu = time.perf_counter(), _cpu_seconds(methods)
             for label in labels[k % len(labels):] + labels[: k % len(labels)]:
                 bar.set_postfix_str(f"{prompt.id} {label}", refresh=False)
                 results[prompt.id][label] = run_prompt(engine, methods[label], prompt, max_tokens,
                                                        sampling)
                 bar.update(1)
-            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            wall, cpu = time.perf_counter() - wall, _cpu_seconds(methods) - cpu
             cpu_share[prompt.id] = cpu / (wall * engine.backend.n_threads)
     return results, warmup_errors, cpu_share
+
+
+def _cpu_seconds(methods: dict) -> float:
+    return time.process_time() + peer_cpu_seconds(methods.values())
 
 
 def compare_greedy(engine, runs: dict[str, Run], baseline: str = BASELINE) -> None:
@@ -233,133 +238,6 @@ def _run_json(run: Run) -> dict:
             "margin": run.margin, "turns": turns}
 
 
-def write_outputs(out: Path, data: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(data, indent=1, ensure_ascii=False))
-    (out / "report.md").write_text(report(data))
-    plot(data, out / "speedup.png")
-
-
-def report(data: dict) -> str:
-    s, env, curve = data["settings"], data["environment"], data["cost_curve"]
-    summary = data["summary"]
-    labels = list(summary)
-    lines = [
-        "# racer-local bench", "",
-        f"`{data['command']}` took {data['duration_s']:.0f} s on {data['date']}.", "",
-        f"Model `{Path(env['model']).name}` (sha256 `{env['model_sha256'][:16]}…`, "
-        f"{env['architecture']}), llama-cpp-python {env['llama_cpp_python']}, {env['threads']} "
-        f"threads, n_ctx {env['n_ctx']}, {env['cpu']} ({env['cpu_count']} cores). Suite "
-        f"{s['suite']}: {s['prompts']} prompts, up to {s['max_tokens']} tokens per turn, "
-        f"temperature {s['temperature']}. Every prompt is prefilled cold; methods interleaved "
-        f"prompt by prompt after one warm-up each. Speedup is decode tokens/s over `{BASELINE}` "
-        "on the same prompts; e2e includes the prefill.", "",
-        "| method | prompts | failed | tokens | tok/s | speedup | tokens/step | e2e tok/s "
-        "| e2e speedup | identical / near-tie / diverged |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
-    ]
-    for label in labels:
-        m = summary[label]["overall"]
-        agree = (f"{m['identical']} / {m['near-tie']} / {m['diverged']}"
-                 if s["temperature"] == 0 else "n/a")
-        lines.append(f"| {label} | {m['prompts']} | {m['failed']} | {m['generated_tokens']} | "
-                     f"{m['tokens_per_s']:.1f} | {m['speedup']:.2f}x | {m['tokens_per_step']:.2f} | "
-                     f"{m['e2e_tokens_per_s']:.1f} | {m['e2e_speedup']:.2f}x | {agree} |")
-    lines += _category_table(summary, labels, data.get("versus_peers") or {})
-    if data.get("same_engine") is not None:
-        lines += ["", f"Same engine: `{LLAMA_CPP}` (llama-server, no speculation) decodes at "
-                  f"{data['same_engine']:.2f}x racer-local's `{BASELINE}` on the same prompts "
-                  "(about 1.00 when the binding costs nothing)."]
-    sizes = [n for n in (1, 2, 4, 8, 12, 16, 24, 32) if n in curve["sizes"]]
-    rel = dict(zip(curve["sizes"], curve["relative"], strict=True))
-    lines += ["", "Cost of verifying N tokens in one batch relative to one (this machine):", "",
-              "| N | " + " | ".join(map(str, sizes)) + " |", "|---|" + "--:|" * len(sizes),
-              "| t(N)/t(1) | " + " | ".join(f"{rel[n]:.2f}" for n in sizes) + " |", "",
-              f"Ceiling of any tree with every draft accepted: {curve['ceiling']:.2f}x "
-              f"(N = {curve['ceiling_n']})."]
-    for label, rows in (data.get("calibration") or {}).items():
-        lines += ["", f"`{label}` calibration: acceptance predicted for the candidates the walk "
-                  "tried (their parent accepted) vs observed, by source and depth:", "",
-                  "| source | depth | trials | predicted | observed |", "|---|--:|--:|--:|--:|"]
-        lines += [f"| {r['source']} | {r['depth']} | {r['trials']} | {r['predicted']:.2f} | "
-                  f"{r['observed']:.2f} |" for r in rows]
-    notes = []
-    if curve["implausible"] or curve["measured_busy"]:
-        why = (f"says verifying N = {curve['implausible']} tokens costs less than one"
-               if curve["implausible"] else "was measured in this run while the machine was busy")
-        notes.append(f"The cached cost curve {why}: racer's tree sizes and the ceiling above are "
-                     "unreliable. Delete it (costs/ in racer-local's cache dir) and rerun.")
-    notes += [f"`{label}` warm-up failed: {err}" for label, err in data["warmup_errors"].items()]
-    notes += [f"`{label}` failed on {pid}: {run['error']}" for pid, p in data["prompts"].items()
-              for label, run in p["runs"].items() if run["error"]]
-    busy = [pid for pid, p in data["prompts"].items() if p["cpu_share"] < BUSY]
-    if busy:
-        notes.append(f"The machine was busy (this process got under {BUSY:.0%} of its threads' CPU "
-                     f"time) during {len(busy)} of {len(data['prompts'])} prompts "
-                     f"({', '.join(busy)}): their timings are unreliable; rerun on a quiet machine.")
-    short = {label: summary[label]["overall"]["stopped_early"] for label in labels}
-    if any(short.values()):
-        notes.append("Prompts whose output ended (end of sequence) before the token limit; speed "
-                     "is measured on the tokens produced: "
-                     + ", ".join(f"{k} {v}" for k, v in short.items()) + ".")
-    if notes:
-        lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
-    return "\n".join(lines) + "\n"
-
-
-def _category_table(summary: dict, labels: list[str], versus: dict) -> list[str]:
-    """Speedup per category and overall, with the best peer's and racer's ratio over it."""
-    extra = " | best peer | racer / best peer" if versus else ""
-    lines = ["", f"Decode speedup over `{BASELINE}` by category:", "",
-             "| category | prompts | " + " | ".join(labels) + extra + " |",
-             "|---|--:|" + "--:|" * len(labels) + ("---|--:|" if versus else "")]
-    groups = {c: {label: summary[label]["categories"][c] for label in labels}
-              for c in summary[BASELINE]["categories"]}
-    groups["overall"] = {label: summary[label]["overall"] for label in labels}
-    for c, by_label in groups.items():
-        cells = [f"{by_label[label]['speedup']:.2f}x" for label in labels]
-        if versus:
-            v = versus[c]
-            cells += [f"{v['best_peer']} {v['peer_speedup']:.2f}x", f"**{v['ratio']:.2f}x**"]
-        name = "**overall**" if c == "overall" else c
-        lines.append(f"| {name} | {by_label[BASELINE]['prompts']} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def plot(data: dict, path: Path) -> None:
-    """Grouped bars: decode speedup per category (and overall) per method, with the ceiling."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    summary, env = data["summary"], data["environment"]
-    labels = [label for label in summary if label != BASELINE]
-    groups = [*summary[BASELINE]["categories"], "overall"]
-    fig, ax = plt.subplots(figsize=(min(14.0, 4 + 0.3 * len(groups) * max(2, len(labels))), 4.5))
-    width = 0.8 / max(1, len(labels))
-    x = np.arange(len(groups))
-    for i, label in enumerate(labels):
-        s = summary[label]
-        values = [s["categories"][g]["speedup"] for g in groups[:-1]] + [s["overall"]["speedup"]]
-        failed = s["overall"]["failed"]
-        name = f"{label} ({failed} failed)" if failed else label
-        bars = ax.bar(x + (i - (len(labels) - 1) / 2) * width, values, width, label=name)
-        ax.bar_label(bars, fmt="%.2f", fontsize=6, padding=1)
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ceiling = data["cost_curve"]["ceiling"]
-    ax.axhline(ceiling, color="gray", linestyle="--", linewidth=1,
-               label=f"cost-curve ceiling {ceiling:.2f}x")
-    ax.set_xticks(x, groups, rotation=30, ha="right")
-    ax.set_ylabel(f"decode speedup over {BASELINE}")
-    ax.set_title(f"{Path(env['model']).name}: threads={env['threads']}, "
-                 f"max_tokens={data['settings']['max_tokens']}", fontsize="medium")
-    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside: bars stay visible
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 # ----- racer against the peers --------------------------------------------------------------
 
 
@@ -396,6 +274,21 @@ def same_engine(summary: dict) -> float | None:
 # ----- one whole run ------------------------------------------------------------------------
 
 
+def _runners(engine, pairs, sampling: dict, binary, build_error: str | None) -> dict:
+    runners = {}
+    try:
+        for label, method in pairs:
+            if method.startswith(LLAMA_CPP) and binary is None:
+                runners[label] = methods_.Unavailable(f"no llama-server: {build_error}")
+            else:
+                runners[label] = methods_.make_method(engine, method, sampling, binary)
+    except BaseException:  # stop the servers already started
+        for runner in runners.values():
+            runner.close()
+        raise
+    return runners
+
+
 def run(*, model, threads, n_ctx, n_gpu_layers, suite: str, data_dir, methods: list[str],
         limit: int | None, max_tokens: int, sampling: dict, out: Path, command: str,
         llama_server=None, echo=print) -> dict:
@@ -425,13 +318,8 @@ def run(*, model, threads, n_ctx, n_gpu_layers, suite: str, data_dir, methods: l
             echo(f"llama.cpp peers will be reported as failed: {e}")
     with Engine(model, n_ctx=n_ctx, threads=threads, n_gpu_layers=n_gpu_layers) as engine:
         curve = cost_curve(engine)  # measured now if not cached, never during the runs
-        runners = {}
+        runners = _runners(engine, pairs, sampling, binary, peer.get("error"))
         try:
-            for label, method in pairs:
-                if method.startswith(LLAMA_CPP) and binary is None:
-                    runners[label] = methods_.Unavailable(f"no llama-server: {peer['error']}")
-                else:
-                    runners[label] = methods_.make_method(engine, method, sampling, binary)
             results, warmup_errors, cpu_share = run_all(engine, runners, prompts,
                                                         max_tokens=max_tokens, sampling=sampling)
         finally:
@@ -459,5 +347,5 @@ def run(*, model, threads, n_ctx, n_gpu_layers, suite: str, data_dir, methods: l
                            "runs": {k: _run_json(r) for k, r in results[p.id].items()}}
                     for p in prompts},
     }
-    write_outputs(Path(out), data)
+    bench_report.write_outputs(Path(out), data)
     return data

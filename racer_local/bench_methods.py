@@ -191,6 +191,11 @@ def all_methods() -> list[str]:
     return [*DRAFTERS, LCP_PLD, LLAMA_CPP, *(f"{LLAMA_CPP}-{s}" for s in SPEC_TYPES)]
 
 
+def peer_cpu_seconds(methods) -> float:
+    """CPU seconds the methods' llama-server processes have used so far."""
+    return sum(m.server.cpu_seconds() for m in methods if isinstance(m, LlamaCppServer))
+
+
 def make_method(engine, method: str, sampling: dict, llama_server=None):
     """A runner for `method`; one that cannot start stands in as Unavailable, reporting why on
     every prompt (never dropped)."""

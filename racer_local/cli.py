@@ -296,6 +296,7 @@ def bench(model, threads, n_ctx, n_gpu_layers, suite, data, methods, llama_serve
           **sampling):
     """Measure each method's decode speedup over plain decoding on public prompt sets."""
     from racer_local import bench as bench_lib
+    from racer_local.bench_report import report
     from racer_local.bench_suites import find_data_dir
 
     command = _command_line(click.get_current_context().params)
@@ -304,7 +305,7 @@ def bench(model, threads, n_ctx, n_gpu_layers, suite, data, methods, llama_serve
                            limit=limit, max_tokens=max_tokens, sampling=sampling, out=out,
                            command=command, llama_server=llama_server,
                            echo=lambda line: click.echo(line, err=True))
-    click.echo(bench_lib.report(result))
+    click.echo(report(result))
     click.echo(f"wrote results.json, report.md and speedup.png to {out}", err=True)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -116,6 +117,15 @@ class LlamaServer:
         except OSError:
             return "(no log)"
         return " | ".join(text[-lines:]) or "(empty log)"
+
+    def cpu_seconds(self) -> float:
+        """CPU time the server process has used (0 where /proc is not there, or once it exited):
+        the bench's check that the machine was quiet counts the peer's work as its own."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
     def close(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL after 5 s); safe to call twice."""

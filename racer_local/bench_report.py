@@ -1,0 +1,165 @@
+"""The bench's three files from its data: results.json, report.md and speedup.png.
+
+Pure functions of the dict `bench.run` builds (no model, no timing), so a report can be
+rewritten from a results.json without rerunning anything.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from racer_local.bench_methods import BASELINE, LLAMA_CPP
+
+BUSY = 0.6  # a prompt's CPU share below this means another job competed for the cores
+
+
+def write_outputs(out: Path, data: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(data, indent=1, ensure_ascii=False))
+    (out / "report.md").write_text(report(data))
+    plot(data, out / "speedup.png")
+
+
+def report(data: dict) -> str:
+    lines = _header(data) + _method_table(data)
+    lines += _category_table(data["summary"], list(data["summary"]), data.get("versus_peers") or {})
+    if data.get("same_engine") is not None:
+        lines += ["", f"Same engine: `{LLAMA_CPP}` (llama-server, no speculation) decodes at "
+                  f"{data['same_engine']:.2f}x racer-local's `{BASELINE}` on the same prompts "
+                  "(about 1.00 when the binding costs nothing)."]
+    lines += _cost_table(data["cost_curve"]) + _calibration_tables(data.get("calibration") or {})
+    notes = _notes(data)
+    if notes:
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def _header(data: dict) -> list[str]:
+    s, env = data["settings"], data["environment"]
+    return [
+        "# racer-local bench", "",
+        f"`{data['command']}` took {data['duration_s']:.0f} s on {data['date']}.", "",
+        f"Model `{Path(env['model']).name}` (sha256 `{env['model_sha256'][:16]}…`, "
+        f"{env['architecture']}), llama-cpp-python {env['llama_cpp_python']}, {env['threads']} "
+        f"threads, n_ctx {env['n_ctx']}, {env['cpu']} ({env['cpu_count']} cores). Suite "
+        f"{s['suite']}: {s['prompts']} prompts, up to {s['max_tokens']} tokens per turn, "
+        f"temperature {s['temperature']}. Every prompt is prefilled cold; methods interleaved "
+        f"prompt by prompt after one warm-up each. Speedup is decode tokens/s over `{BASELINE}` "
+        "on the same prompts; e2e includes the prefill.", "",
+    ]
+
+
+def _method_table(data: dict) -> list[str]:
+    lines = ["| method | prompts | failed | tokens | tok/s | speedup | tokens/step | e2e tok/s "
+             "| e2e speedup | identical / near-tie / diverged |",
+             "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for label, by in data["summary"].items():
+        m = by["overall"]
+        agree = (f"{m['identical']} / {m['near-tie']} / {m['diverged']}"
+                 if data["settings"]["temperature"] == 0 else "n/a")
+        lines.append(f"| {label} | {m['prompts']} | {m['failed']} | {m['generated_tokens']} | "
+                     f"{m['tokens_per_s']:.1f} | {m['speedup']:.2f}x | {m['tokens_per_step']:.2f} | "
+                     f"{m['e2e_tokens_per_s']:.1f} | {m['e2e_speedup']:.2f}x | {agree} |")
+    return lines
+
+
+def _category_table(summary: dict, labels: list[str], versus: dict) -> list[str]:
+    """Speedup per category and overall, with the best peer's and racer's ratio over it."""
+    extra = " | best peer | racer / best peer" if versus else ""
+    lines = ["", f"Decode speedup over `{BASELINE}` by category:", "",
+             "| category | prompts | " + " | ".join(labels) + extra + " |",
+             "|---|--:|" + "--:|" * len(labels) + ("---|--:|" if versus else "")]
+    groups = {c: {label: summary[label]["categories"][c] for label in labels}
+              for c in summary[BASELINE]["categories"]}
+    groups["overall"] = {label: summary[label]["overall"] for label in labels}
+    for c, by_label in groups.items():
+        cells = [f"{by_label[label]['speedup']:.2f}x" for label in labels]
+        if versus:
+            v = versus[c]
+            cells += [f"{v['best_peer']} {v['peer_speedup']:.2f}x", f"**{v['ratio']:.2f}x**"]
+        name = "**overall**" if c == "overall" else c
+        lines.append(f"| {name} | {by_label[BASELINE]['prompts']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _cost_table(curve: dict) -> list[str]:
+    sizes = [n for n in (1, 2, 4, 8, 12, 16, 24, 32) if n in curve["sizes"]]
+    rel = dict(zip(curve["sizes"], curve["relative"], strict=True))
+    return ["", "Cost of verifying N tokens in one batch relative to one (this machine):", "",
+            "| N | " + " | ".join(map(str, sizes)) + " |", "|---|" + "--:|" * len(sizes),
+            "| t(N)/t(1) | " + " | ".join(f"{rel[n]:.2f}" for n in sizes) + " |", "",
+            f"Ceiling of any tree with every draft accepted: {curve['ceiling']:.2f}x "
+            f"(N = {curve['ceiling_n']})."]
+
+
+def _calibration_tables(calibration: dict) -> list[str]:
+    lines = []
+    for label, rows in calibration.items():
+        lines += ["", f"`{label}` calibration: acceptance predicted for the candidates the walk "
+                  "tried (their parent accepted) vs observed, by source and depth:", "",
+                  "| source | depth | trials | predicted | observed |", "|---|--:|--:|--:|--:|"]
+        lines += [f"| {r['source']} | {r['depth']} | {r['trials']} | {r['predicted']:.2f} | "
+                  f"{r['observed']:.2f} |" for r in rows]
+    return lines
+
+
+def _notes(data: dict) -> list[str]:
+    curve, summary = data["cost_curve"], data["summary"]
+    notes = []
+    if curve["implausible"] or curve["measured_busy"]:
+        why = (f"says verifying N = {curve['implausible']} tokens costs less than one"
+               if curve["implausible"] else "was measured in this run while the machine was busy")
+        notes.append(f"The cached cost curve {why}: racer's tree sizes and the ceiling above are "
+                     "unreliable. Delete it (costs/ in racer-local's cache dir) and rerun.")
+    notes += [f"`{label}` warm-up failed: {err}" for label, err in data["warmup_errors"].items()]
+    notes += [f"`{label}` failed on {pid}: {run['error']}" for pid, p in data["prompts"].items()
+              for label, run in p["runs"].items() if run["error"]]
+    busy = [pid for pid, p in data["prompts"].items() if p["cpu_share"] < BUSY]
+    if busy:
+        notes.append(f"The machine was busy (the bench and its llama-server peers got under "
+                     f"{BUSY:.0%} of their threads' CPU time) during {len(busy)} of "
+                     f"{len(data['prompts'])} prompts ({', '.join(busy)}): their timings are "
+                     "unreliable; rerun on a quiet machine.")
+    short = {label: summary[label]["overall"]["stopped_early"] for label in summary}
+    if any(short.values()):
+        notes.append("Prompts whose output ended (end of sequence) before the token limit; speed "
+                     "is measured on the tokens produced: "
+                     + ", ".join(f"{k} {v}" for k, v in short.items()) + ".")
+    return notes
+
+
+def plot(data: dict, path: Path) -> None:
+    """Grouped bars: decode speedup per category (and overall) per method, with the ceiling."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary, env = data["summary"], data["environment"]
+    labels = [label for label in summary if label != BASELINE]
+    groups = [*summary[BASELINE]["categories"], "overall"]
+    fig, ax = plt.subplots(figsize=(min(14.0, 4 + 0.3 * len(groups) * max(2, len(labels))), 4.5))
+    width = 0.8 / max(1, len(labels))
+    x = np.arange(len(groups))
+    for i, label in enumerate(labels):
+        s = summary[label]
+        values = [s["categories"][g]["speedup"] for g in groups[:-1]] + [s["overall"]["speedup"]]
+        failed = s["overall"]["failed"]
+        name = f"{label} ({failed} failed)" if failed else label
+        bars = ax.bar(x + (i - (len(labels) - 1) / 2) * width, values, width, label=name)
+        ax.bar_label(bars, fmt="%.2f", fontsize=6, padding=1)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ceiling = data["cost_curve"]["ceiling"]
+    ax.axhline(ceiling, color="gray", linestyle="--", linewidth=1,
+               label=f"cost-curve ceiling {ceiling:.2f}x")
+    ax.set_xticks(x, groups, rotation=30, ha="right")
+    ax.set_ylabel(f"decode speedup over {BASELINE}")
+    ax.set_title(f"{Path(env['model']).name}: threads={env['threads']}, "
+                 f"max_tokens={data['settings']['max_tokens']}", fontsize="medium")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside: bars stay visible
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
