@@ -49,16 +49,17 @@ def test_hand_picked_edge_cases_agree():
         assert check(data) > 0
 
 
-def test_seeded_random_inputs_agree():
+def test_seeded_random_inputs_agree(tmp_path):
     rng = random.Random(20261122)
     deadline, runs = time.monotonic() + SEEDED_SECONDS, 0
     while time.monotonic() < deadline or runs < 200:
         data = rng.randbytes(rng.randrange(1, 800))
         try:
             check(data)
-        except AssertionError:
-            (CORPUS / f"seeded-{runs}").write_bytes(data)  # kept for replay; commit it with the fix
-            raise
+        except AssertionError as exc:
+            kept = tmp_path / f"seeded-{runs}"
+            kept.write_bytes(data)
+            raise AssertionError(f"{exc}; input kept at {kept}: copy it into {CORPUS} with the fix") from exc
         runs += 1
 
 

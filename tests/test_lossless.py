@@ -23,7 +23,7 @@ import pytest
 import racer_local.decode as decode
 
 NEAR_TIE = 1.0
-METHODS = ["pld", "racer", "racer-retrieval", "racer-logits"]
+METHODS = ["pld", "racer", "racer-retrieval", "racer-logits", "racer-copy"]
 BENCH = Path(__file__).resolve().parents[2] / "shared" / "bench"
 
 
@@ -37,8 +37,8 @@ def _prompts() -> list[str]:
         "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
         "one two three four five one two three four five one two",
     ]
-    if not BENCH.is_dir():
-        pytest.skip(f"benchmark prompts not found at {BENCH}")
+    if not BENCH.is_dir():  # the built-in prompts still run; the bench's add long contexts
+        return prompts
     spec = [json.loads(line) for line in (BENCH / "specbench.jsonl").read_text().splitlines()]
     for category in ("summarization", "rag", "translation"):
         prompts.append(_chat(next(q for q in spec if q["category"] == category)["turns"][0]))
