@@ -31,6 +31,14 @@ class Step:
     draft_s: float = 0.0  # time the drafter spent proposing and observing
 
 
+def start(drafter: Drafter, choose: Callable[[np.ndarray], int], context, rows: np.ndarray) -> int:
+    """A generation begins: the drafter sees the prompt (`context`, all of it in the KV cache)
+    and the logits of its last positions (`rows`; it gets the last drafter.prefill_rows); the
+    target chooses the first token from the last row. Returns that token: speculate's root."""
+    drafter.begin(context, rows[-drafter.prefill_rows :])
+    return choose(rows[-1])
+
+
 def speculate(
     backend: Backend,
     drafter: Drafter,
@@ -42,7 +50,7 @@ def speculate(
     """Yield a Step per forward pass until max_tokens, end of generation or a full context.
 
     `root` is the token chosen from the prompt's last logits and `n_past` the number of
-    committed cells; the caller has already called drafter.begin().
+    committed cells; the caller has called start() (or drafter.begin()) first.
     """
     produced = 0
     try:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from racer_local import defaults, templates
 from racer_local.backend import Backend
-from racer_local.decode import speculate
+from racer_local.decode import speculate, start
 from racer_local.drafters import make_drafter
 from racer_local.drafters.base import Drafter
 from racer_local.errors import ContextFullError, DecodeError, RacerError
@@ -300,8 +300,7 @@ class Engine:
                     raise
                 yield Chunk("", stats=stats, finish_reason="cancelled")
                 return
-            drafter.begin(tokens, rows)
-            root = choose(rows[-1])
+            root = start(drafter, choose, tokens, rows)
             stats.prefill_s = time.perf_counter() - t0
             steps = speculate(self.backend, drafter, choose, root, len(tokens), max_tokens)
             finish = "length"
@@ -313,11 +312,7 @@ class Engine:
                     if step is None:
                         break
                     self._cached.extend(step.tokens)
-                    stats.steps += 1
-                    stats.generated_tokens += len(step.tokens)
-                    stats.drafted += step.drafted
-                    stats.draft_s += step.draft_s
-                    stats.accepted += len(step.tokens) - 1
+                    stats.add(step)
                     visible = step.tokens[:-1] if step.eog else step.tokens
                     cut = next((i for i, t in enumerate(visible) if t in stop_tokens), None)
                     if cut is not None:

@@ -17,6 +17,14 @@ class Stats:
     accepted: int = 0  # draft tokens the target agreed with
     draft_s: float = 0.0  # part of decode_s spent drafting and updating the drafter
 
+    def add(self, step) -> None:
+        """Count one forward pass's decode.Step (its root plus the drafts it accepted)."""
+        self.steps += 1
+        self.generated_tokens += len(step.tokens)
+        self.drafted += step.drafted
+        self.accepted += len(step.tokens) - 1
+        self.draft_s += step.draft_s
+
     @property
     def tokens_per_step(self) -> float:
         """Tokens committed per forward pass: 1.0 for plain decoding."""

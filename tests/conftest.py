@@ -13,6 +13,16 @@ import time
 
 import pytest
 
+REAL_MODEL = {"model_path", "engine"}  # the fixtures that load the embedded model
+
+
+def pytest_collection_modifyitems(items):
+    """Tier the suite: a test using the real model is marked `model` (seconds to minutes each);
+    `pytest -m "not model"` runs the pure and fake-backend tier (300 tests, 85 s here)."""
+    for item in items:
+        if REAL_MODEL & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.model)
+
 
 @pytest.fixture(scope="session")
 def model_path():

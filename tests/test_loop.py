@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from racer_local.decode import Step, speculate
+from racer_local.decode import start as decode_start
 from racer_local.drafters.base import Drafter
 from racer_local.drafters.pld import PromptLookup
 from racer_local.errors import DecodeError
@@ -176,8 +177,7 @@ class Garbage(Drafter):
 def start(fake: FakeBackend, drafter: Drafter, prompt=PROMPT):
     """Prefill the prompt into sequence 0 and return the loop's arguments after it."""
     rows = fake.decode(prompt, range(len(prompt)))
-    drafter.begin(prompt, rows[-1:])
-    return argmax(rows[-1]), len(prompt)
+    return decode_start(drafter, argmax, prompt, rows), len(prompt)
 
 
 def run(fake: FakeBackend, drafter: Drafter, max_tokens: int) -> list[Step]:

@@ -99,7 +99,7 @@ def prompts():
     return _prompts()
 
 
-def test_speculative_greedy_equals_plain_greedy(engine, monkeypatch, prompts, capsys):
+def test_speculative_greedy_equals_plain_greedy(engine, monkeypatch, prompts, record_property):
     branched = 0
     for prompt in prompts:
         plain, first, walks = _record(engine, monkeypatch, prompt, "ar")
@@ -113,8 +113,7 @@ def test_speculative_greedy_equals_plain_greedy(engine, monkeypatch, prompts, ca
                 assert len(tokens) == len(plain), f"{method}: stopped at a different length"
                 continue
             margin = plain_margins[diverged]
-            with capsys.disabled():
-                print(f"\n{method}: diverged from ar at token {diverged}, ar top-2 margin {margin:.3f}")
+            record_property(f"{method} divergence", f"token {diverged}, ar top-2 margin {margin:.3f}")
             assert margin < NEAR_TIE, (
                 f"{method} diverged from plain greedy at token {diverged} where plain decoding's "
                 f"top-2 margin is {margin:.3f} (> {NEAR_TIE}): not a near-tie, a real bug"

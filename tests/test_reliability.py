@@ -73,7 +73,6 @@ def test_200_random_cancellations_leak_nothing(engine, fresh):
         assert_kv_clean(engine)
     assert finishes.get("cancelled", 0) >= 20, finishes  # the timers really hit generations
     assert finishes.get("cancelled in prefill", 0) >= 3, finishes
-    print(finishes)
     assert finishes.get("closed", 0) >= 20, finishes
 
     for prompt in PROMPTS[:2]:

@@ -21,7 +21,7 @@ from scipy import stats as scistats
 
 import racer_local.decode as decode
 from racer_local.costmodel import CostCurve
-from racer_local.decode import speculate
+from racer_local.decode import speculate, start
 from racer_local.drafters.base import Drafter
 from racer_local.drafters.racer import Racer, RacerConfig
 from racer_local.sampling import Sampler
@@ -252,8 +252,7 @@ def first_tokens(make_drafter, seed: int, n: int = 3, backend: ToyBackend | None
     drafter = make_drafter()
     choose = Sampler(**OPTIONS, seed=seed, context=PROMPT)
     rows = backend.decode(PROMPT, range(len(PROMPT)))
-    drafter.begin(PROMPT, rows[-drafter.prefill_rows :])
-    root = choose(rows[-1])
+    root = start(drafter, choose, PROMPT, rows)
     out = []
     for step in speculate(backend, drafter, choose, root, len(PROMPT), n):
         out += step.tokens
