@@ -33,7 +33,8 @@ from racer_local.bench_report import BUSY
 # Where a speculative output first differs from `ar`, a plain-decoding top-2 margin below this
 # (logits) is a near-tie that batched kernels may flip: the bound tests/test_lossless.py measured.
 NEAR_TIE = 1.0
-SUMS = ("generated_tokens", "prefill_s", "decode_s", "steps", "drafted", "accepted", "draft_s")
+SUMS = ("generated_tokens", "prefill_s", "decode_s", "steps", "drafted", "accepted", "draft_s",
+        "verify_s", "walk_s")
 
 
 @dataclass
@@ -166,6 +167,7 @@ def metrics(pairs: list[tuple[Run, Run]]) -> dict:
     m["baseline_e2e_tokens_per_s"] = _rate(base["generated_tokens"],
                                            base["prefill_s"] + base["decode_s"])
     m["e2e_speedup"] = _rate(m["e2e_tokens_per_s"], m["baseline_e2e_tokens_per_s"])
+    m["host_share"] = 1.0 - mine["verify_s"] / mine["decode_s"] if mine["verify_s"] > 0 else None
     m["stopped_early"] = sum(any(t.finish_reason != "length" for t in r.turns) for r, _ in both)
     for kind in ("identical", "near-tie", "diverged"):
         m[kind] = sum(r.agreement == kind for r, _ in both)

@@ -30,6 +30,7 @@ def report(data: dict) -> str:
         lines += ["", f"Same engine: `{LLAMA_CPP}` (llama-server, no speculation) decodes at "
                   f"{data['same_engine']:.2f}x racer-local's `{BASELINE}` on the same prompts "
                   "(about 1.00 when the binding costs nothing)."]
+    lines += _host_table(data["summary"])
     lines += _cost_table(data["cost_curve"]) + _calibration_tables(data.get("calibration") or {})
     notes = _notes(data)
     if notes:
@@ -82,6 +83,24 @@ def _category_table(summary: dict, labels: list[str], versus: dict) -> list[str]
             cells += [f"{v['best_peer']} {v['peer_speedup']:.2f}x", f"**{v['ratio']:.2f}x**"]
         name = "**overall**" if c == "overall" else c
         lines.append(f"| {name} | {by_label[BASELINE]['prompts']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _host_table(summary: dict) -> list[str]:
+    """Where a step's time goes, for the methods racer-local runs (llama-server's are opaque)."""
+    ours = {label: by["overall"] for label, by in summary.items() if by["overall"]["host_share"] is not None}
+    if not ours:
+        return []
+    lines = ["", "Per step (ms): drafting, llama_decode (batch building included), reading rows and "
+             "choosing tokens, the rest (KV commit, loop); host share is all but llama_decode:", "",
+             "| method | steps | draft | llama_decode | rows | rest | host share |",
+             "|---|--:|--:|--:|--:|--:|--:|"]
+    for label, m in ours.items():
+        n = max(1, m["steps"])
+        rest = m["decode_s"] - m["draft_s"] - m["verify_s"] - m["walk_s"]
+        cells = [1e3 * m["draft_s"] / n, 1e3 * m["verify_s"] / n, 1e3 * m["walk_s"] / n, 1e3 * rest / n]
+        lines.append(f"| {label} | {m['steps']} | " + " | ".join(f"{c:.2f}" for c in cells)
+                     + f" | {m['host_share']:.1%} |")
     return lines
 
 

@@ -28,7 +28,10 @@ class Step:
     tokens: list[int]  # committed tokens, in order (the root first)
     drafted: int  # draft nodes verified besides the root
     eog: bool  # the last token ends the generation
-    draft_s: float = 0.0  # time the drafter spent proposing and observing
+    # Where the step's time went; the rest is the KV commit and the loop itself.
+    draft_s: float = 0.0  # the drafter proposing and observing
+    verify_s: float = 0.0  # building the batch and llama_decode (path ids shared with the prefix)
+    walk_s: float = 0.0  # reading the logits rows and choosing tokens along the tree
 
 
 def start(drafter: Drafter, choose: Callable[[np.ndarray], int], context, rows: np.ndarray) -> int:
@@ -52,30 +55,32 @@ def speculate(
     `root` is the token chosen from the prompt's last logits and `n_past` the number of
     committed cells; the caller has called start() (or drafter.begin()) first.
     """
-    produced = 0
+    produced, clock = 0, time.perf_counter
     try:
         while produced < max_tokens:
             room = min(backend.n_ctx - n_past, backend.n_seq_max - 1)  # KV cells, path ids
             if room <= 0:
                 return
-            t0 = time.perf_counter()
+            t0 = clock()
             tree = drafter.propose(root, room).limit(room, max_tokens - produced - 1)
-            draft_s = time.perf_counter() - t0
+            t1 = clock()
             if tree.tokens[0] != root:
                 raise ValueError(f"drafter {drafter.name!r} proposed a root that is not the target's token")
             rows = _verify(backend, tree, n_past)
+            t2 = clock()
             path, root = walk(tree, rows, choose)
+            t3 = clock()
             tokens = [tree.tokens[i] for i in path]
             eog = next((i for i, t in enumerate(tokens) if backend.is_eog(t)), None)
             if eog is not None:
                 path, tokens = path[: eog + 1], tokens[: eog + 1]
             _commit(backend, tree, path, n_past)
-            t0 = time.perf_counter()
+            t4 = clock()
             drafter.observe(tree, rows, path)
-            draft_s += time.perf_counter() - t0
             n_past += len(path)
             produced += len(path)
-            yield Step(tokens, len(tree) - 1, eog is not None, draft_s)
+            yield Step(tokens, len(tree) - 1, eog is not None, draft_s=t1 - t0 + clock() - t4,
+                       verify_s=t2 - t1, walk_s=t3 - t2)
             if eog is not None:
                 return
     finally:

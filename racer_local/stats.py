@@ -16,6 +16,8 @@ class Stats:
     drafted: int = 0  # draft tokens sent for verification (roots excluded)
     accepted: int = 0  # draft tokens the target agreed with
     draft_s: float = 0.0  # part of decode_s spent drafting and updating the drafter
+    verify_s: float = 0.0  # part of decode_s in llama_decode (batch building included)
+    walk_s: float = 0.0  # part of decode_s reading logits rows and choosing tokens
 
     def add(self, step) -> None:
         """Count one forward pass's decode.Step (its root plus the drafts it accepted)."""
@@ -24,6 +26,14 @@ class Stats:
         self.drafted += step.drafted
         self.accepted += len(step.tokens) - 1
         self.draft_s += step.draft_s
+        self.verify_s += step.verify_s
+        self.walk_s += step.walk_s
+
+    @property
+    def host_share(self) -> float | None:
+        """The part of decoding spent outside llama_decode: drafting, reading rows, bookkeeping
+        (None where not measured: llama-server's timings). On a GPU this must stay small."""
+        return 1.0 - self.verify_s / self.decode_s if self.verify_s > 0 else None
 
     @property
     def tokens_per_step(self) -> float:
@@ -43,7 +53,7 @@ class Stats:
     def to_dict(self) -> dict:
         return {**asdict(self), "tokens_per_step": self.tokens_per_step,
                 "mean_accepted": self.tokens_per_step,  # deprecated alias of tokens_per_step
-                "tokens_per_s": self.tokens_per_s}
+                "tokens_per_s": self.tokens_per_s, "host_share": self.host_share}
 
     def summary(self) -> str:
         rate = f"{self.accepted}/{self.drafted} drafted accepted" if self.drafted else "no drafts"

@@ -151,6 +151,18 @@ def test_the_three_files_exist_and_parse(bench_run):
     assert (out / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_host_breakdown_covers_our_methods_not_opaque_ones(bench_run):
+    out, data = bench_run
+    summary = data["summary"]
+    for label in ("ar", "pld"):
+        m = summary[label]["overall"]
+        assert 0 < m["host_share"] < 1
+        assert 0 < m["verify_s"] and m["draft_s"] + m["verify_s"] + m["walk_s"] <= m["decode_s"]
+    assert summary["llama-cpp-python-pld"]["overall"]["host_share"] is None  # its timings are its own
+    rows = [line for line in (out / "report.md").read_text().splitlines() if line.endswith("% |")]
+    assert {row.split(" | ")[0] for row in rows} == {"| ar", "| ar#2", "| pld"}  # failing: no steps timed
+
+
 def test_speedup_is_the_ratio_of_measured_tokens_per_second(bench_run):
     """Recomputed from the per-prompt records: tokens/s is sum(tokens) / sum(decode seconds),
     and speedup is that over ar's, overall and per category (nothing failed for ar here)."""

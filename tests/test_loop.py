@@ -10,6 +10,7 @@ Its "model" is a deterministic function of the visible tokens, returned as one-h
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,6 +21,7 @@ from racer_local.decode import start as decode_start
 from racer_local.drafters.base import Drafter
 from racer_local.drafters.pld import PromptLookup
 from racer_local.errors import DecodeError
+from racer_local.stats import Stats
 from racer_local.tree import DraftTree
 
 VOCAB = 32
@@ -225,6 +227,21 @@ def test_plain_decoding_commits_one_token_per_step():
     steps = run(FakeBackend(), Drafter(), 10)
     assert [len(s.tokens) for s in steps] == [1] * 10
     assert all(s.drafted == 0 for s in steps)
+
+
+def test_a_step_says_where_its_time_went():
+    """The host breakdown: drafting, llama_decode and the walk are timed apart, never more than
+    the step took, and Stats adds them up (host share is what is not llama_decode)."""
+    fake, drafter = FakeBackend(), PromptLookup()
+    root, n_past = start(fake, drafter)
+    stats, t = Stats(), time.perf_counter()
+    for step in speculate(fake, drafter, argmax, root, n_past, 40):
+        assert step.draft_s >= 0 and step.verify_s > 0 and step.walk_s > 0
+        stats.add(step)
+    stats.decode_s = time.perf_counter() - t
+    assert stats.steps > 0 and stats.draft_s + stats.verify_s + stats.walk_s <= stats.decode_s
+    assert 0 < stats.host_share < 1
+    assert Stats(decode_s=1.0).host_share is None  # not measured (a peer's own timings)
 
 
 def test_prompt_lookup_gets_drafts_accepted_once_the_sequence_repeats():

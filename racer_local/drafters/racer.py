@@ -115,6 +115,8 @@ class Calibration:
     predicted and accepted totals: the bench's calibration table.
     """
 
+    # Both chosen, not tuned (never varied on the bench): two trials of evidence for the rate a
+    # kind is shrunk towards, and a memory of about a paragraph of text per kind.
     WEIGHT = 2.0  # the rate a kind is shrunk towards counts as two trials
     DECAY = 0.97  # an outcome's weight halves after about 23 trials of its kind
 
