@@ -88,7 +88,8 @@ def _category_table(summary: dict, labels: list[str], versus: dict) -> list[str]
 
 def _host_table(summary: dict) -> list[str]:
     """Where a step's time goes, for the methods racer-local runs (llama-server's are opaque)."""
-    ours = {label: by["overall"] for label, by in summary.items() if by["overall"]["host_share"] is not None}
+    ours = {label: by["overall"] for label, by in summary.items()
+            if by["overall"].get("host_share") is not None}  # None: opaque; absent: an older run
     if not ours:
         return []
     lines = ["", "Per step (ms): drafting, llama_decode (batch building included), reading rows and "
