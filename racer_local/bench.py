@@ -29,6 +29,7 @@ from racer_local import bench_report
 from racer_local import bench_suites as suites
 from racer_local.bench_methods import BASELINE, LLAMA_CPP, Turn, peer_cpu_seconds
 from racer_local.bench_report import BUSY
+from racer_local.stats import Stats
 
 # Where a speculative output first differs from `ar`, a plain-decoding top-2 margin below this
 # (logits) is a near-tie that batched kernels may flip: the bound tests/test_lossless.py measured.
@@ -144,8 +145,9 @@ def _margin(engine, context: list[int]) -> float:
 # ----- metrics ------------------------------------------------------------------------------
 
 
-def _totals(runs: list[Run]) -> dict:
-    return {k: sum(getattr(t.stats, k) for r in runs for t in r.turns) for k in SUMS}
+def _totals(runs: list[Run]) -> Stats:
+    """One Stats summing every turn's counts and times: its rates are the aggregate ones."""
+    return Stats(**{k: sum(getattr(t.stats, k) for r in runs for t in r.turns) for k in SUMS})
 
 
 def _rate(amount: float, seconds: float) -> float:
@@ -158,16 +160,15 @@ def metrics(pairs: list[tuple[Run, Run]]) -> dict:
     mine, base = _totals([r for r, _ in both]), _totals([b for _, b in both])
     m = {"prompts": len(both), "failed": sum(r.error is not None for r, _ in pairs),
          "baseline_failed": sum(r.error is None and b.error is not None for r, b in pairs),
-         **mine}
-    m["tokens_per_step"] = m["mean_accepted"] = _rate(m["generated_tokens"], m["steps"])  # old name kept
-    m["tokens_per_s"] = _rate(mine["generated_tokens"], mine["decode_s"])
-    m["baseline_tokens_per_s"] = _rate(base["generated_tokens"], base["decode_s"])
+         **{k: getattr(mine, k) for k in SUMS}}
+    m["tokens_per_step"] = m["mean_accepted"] = mine.tokens_per_step  # old name kept
+    m["tokens_per_s"] = mine.tokens_per_s
+    m["baseline_tokens_per_s"] = base.tokens_per_s
     m["speedup"] = _rate(m["tokens_per_s"], m["baseline_tokens_per_s"])
-    m["e2e_tokens_per_s"] = _rate(mine["generated_tokens"], mine["prefill_s"] + mine["decode_s"])
-    m["baseline_e2e_tokens_per_s"] = _rate(base["generated_tokens"],
-                                           base["prefill_s"] + base["decode_s"])
+    m["e2e_tokens_per_s"] = _rate(mine.generated_tokens, mine.prefill_s + mine.decode_s)
+    m["baseline_e2e_tokens_per_s"] = _rate(base.generated_tokens, base.prefill_s + base.decode_s)
     m["e2e_speedup"] = _rate(m["e2e_tokens_per_s"], m["baseline_e2e_tokens_per_s"])
-    m["host_share"] = 1.0 - mine["verify_s"] / mine["decode_s"] if mine["verify_s"] > 0 else None
+    m["host_share"] = mine.host_share
     m["stopped_early"] = sum(any(t.finish_reason != "length" for t in r.turns) for r, _ in both)
     for kind in ("identical", "near-tie", "diverged"):
         m[kind] = sum(r.agreement == kind for r, _ in both)
