@@ -6,7 +6,8 @@
 # the first decode; so on x86-64 we build for the instruction sets the CPU
 # reports, AMX left out. Set CMAKE_ARGS yourself to override, e.g.
 #   CMAKE_ARGS="-DGGML_CUDA=on" ./install.sh         (NVIDIA GPU)
-# Metal is on by default on macOS. The built wheel is cached per flag set in
+# Metal is on by default on macOS. ggml's RPC backend (racer-local rpc-worker, --rpc) is always
+# added: it costs nothing until used. The built wheel is cached per flag set in
 # ~/.cache/racer-local/wheels, so a second install takes seconds. The flags and the sdist are
 # recorded so that `racer-local bench` compiles llama.cpp's own llama-server (its peer) from the
 # same source with the same flags.
@@ -49,7 +50,9 @@ cpu_cmake_args() {
     echo "$args"
 }
 
-export CMAKE_ARGS="${CMAKE_ARGS:-$(cpu_cmake_args)}"
+CMAKE_ARGS="${CMAKE_ARGS:-$(cpu_cmake_args)}"
+[[ "$CMAKE_ARGS" == *GGML_RPC* ]] || CMAKE_ARGS="$CMAKE_ARGS -DGGML_RPC=ON"
+export CMAKE_ARGS
 echo "install.sh: building llama.cpp with CMAKE_ARGS=\"$CMAKE_ARGS\"" >&2
 
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
@@ -69,11 +72,17 @@ if ! ls "$WHEELS"/llama_cpp_python-*.whl >/dev/null 2>&1; then
     mv "$WHEELS.tmp" "$WHEELS"
 fi
 "$PY" -m pip install --quiet "$WHEELS"/llama_cpp_python-*.whl
+# pip keeps an installed llama-cpp-python of the same version even if it was built with other
+# flags: replace it when the venv's record names another build.
+RECORD="$VENV/share/racer-local/build.json"
+if [ ! -f "$RECORD" ] || ! grep -q "\"key\": \"$key\"" "$RECORD"; then
+    "$PY" -m pip install --quiet --force-reinstall --no-deps "$WHEELS"/llama_cpp_python-*.whl
+fi
 "$PY" -m pip install --quiet -e ".$EXTRAS"
-mkdir -p "$VENV/share/racer-local"
+mkdir -p "$(dirname "$RECORD")"
 "$PY" -c 'import json, sys; v, a, k, c = sys.argv[1:]; print(json.dumps(
     {"llama_cpp_python": v, "cmake_args": a, "key": k, "cache": c}))' \
-    "$LLAMA_CPP_PYTHON_VERSION" "$CMAKE_ARGS" "$key" "$CACHE" > "$VENV/share/racer-local/build.json"
+    "$LLAMA_CPP_PYTHON_VERSION" "$CMAKE_ARGS" "$key" "$CACHE" > "$RECORD"
 [ -z "$SERVER" ] || "$VENV/bin/racer-local" build-llama-server >/dev/null
 if [ -n "$EXTRAS" ] && ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
     echo "install.sh: installing Debian's chromium for the browser test" >&2
