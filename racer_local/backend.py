@@ -18,7 +18,7 @@ import llama_cpp as ll
 import numpy as np
 
 from racer_local import defaults
-from racer_local.errors import ContextFullError, DecodeError, ModelError
+from racer_local.errors import ContextFullError, DecodeError, ModelError, RpcError
 from racer_local.gguf import check_gguf
 
 _init_lock = threading.Lock()
@@ -30,7 +30,7 @@ def _log_to_nowhere(level, text, user_data):  # noqa: ARG001
     """llama.cpp logs every load to stderr; silence it unless RACER_LOCAL_VERBOSE is set."""
 
 
-def _init_llama() -> None:
+def init_llama() -> None:
     global _initialized
     with _init_lock:
         if _initialized:
@@ -60,16 +60,20 @@ class Backend:
         n_gpu_layers: int = 0,
         n_seq_max: int = 64,
         n_batch: int = 512,
+        rpc: str | Sequence[str] = (),
     ) -> None:
+        """`rpc`: HOST:PORT of llama.cpp RPC workers that take every repeating layer (rpc.py)."""
         if n_ctx < 16:
             raise ValueError(f"n_ctx must be at least 16, got {n_ctx}")
         if not 2 <= n_seq_max <= 256:
             raise ValueError(f"n_seq_max must be in 2..256 (llama.cpp's cap), got {n_seq_max}")
         if n_threads is not None and n_threads < 1:
             raise ValueError(f"threads must be at least 1, got {n_threads}")
+        if rpc and n_gpu_layers:
+            raise ValueError("with RPC workers the layers go to them: leave n_gpu_layers at 0")
         self.model_path = Path(model_path)
-        check_gguf(self.model_path)
-        _init_llama()
+        meta = check_gguf(self.model_path)
+        init_llama()
         self.n_threads = n_threads or default_threads()
         self.n_seq_max = n_seq_max
         self._model = self._ctx = self._batch = None
@@ -77,6 +81,20 @@ class Backend:
         mparams = ll.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
         mparams.load_mode = ll.LLAMA_LOAD_MODE_MMAP
+        self.rpc: tuple[str, ...] = ()
+        if rpc:
+            from racer_local import rpc as rpc_
+
+            self.rpc = tuple(rpc_.parse_endpoints(rpc))
+            workers = rpc_.devices(self.rpc)  # each probed first: a clear error, not an abort
+            mparams.devices = ctypes.cast(workers, ctypes.c_void_p)
+            # Offloading exactly the block count keeps the output layer here (llama.cpp offloads
+            # it only when n_gpu_layers exceeds the blocks).
+            arch = meta.get("general.architecture")
+            blocks = meta.get(f"{arch}.block_count")
+            if not isinstance(blocks, int):
+                raise RpcError(f"{self.model_path} has no {arch}.block_count: cannot split it over RPC")
+            mparams.n_gpu_layers = n_gpu_layers = blocks
         self._model = ll.llama_model_load_from_file(str(self.model_path).encode(), mparams)
         if not self._model:
             raise ModelError(

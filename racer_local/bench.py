@@ -29,6 +29,7 @@ from racer_local import bench_report
 from racer_local import bench_suites as suites
 from racer_local.bench_methods import BASELINE, LLAMA_CPP, Turn, peer_cpu_seconds
 from racer_local.bench_report import BUSY
+from racer_local.drafters import DRAFTERS
 from racer_local.stats import Stats
 
 # Where a speculative output first differs from `ar`, a plain-decoding top-2 margin below this
@@ -86,7 +87,7 @@ def run_all(engine, methods: dict, prompts: list[suites.Prompt], *, max_tokens: 
         if warm.error:
             warmup_errors[label] = warm.error
     results: dict[str, dict[str, Run]] = {}
-    cpu_share: dict[str, float] = {}
+    cpu_share: dict[str, float | None] = {}
     with tqdm(total=len(prompts) * len(labels), unit="run", file=sys.stderr,
               disable=not progress, dynamic_ncols=True) as bar:
         for k, prompt in enumerate(prompts):
@@ -98,7 +99,8 @@ def run_all(engine, methods: dict, prompts: list[suites.Prompt], *, max_tokens: 
                                                        sampling)
                 bar.update(1)
             wall, cpu = time.perf_counter() - wall, _cpu_seconds(methods) - cpu
-            cpu_share[prompt.id] = cpu / (wall * engine.backend.n_threads)
+            # With RPC workers most of the work runs in their processes: no share to judge by.
+            cpu_share[prompt.id] = None if engine.backend.rpc else cpu / (wall * engine.backend.n_threads)
     return results, warmup_errors, cpu_share
 
 
@@ -214,7 +216,7 @@ def environment(engine) -> dict:
             "llama_cpp_python": llama_cpp.__version__, "numpy": np.__version__,
             "python": platform.python_version(), "platform": platform.platform(), "cpu": cpu,
             "cpu_count": os.cpu_count(), "threads": b.n_threads, "n_ctx": b.n_ctx,
-            "n_gpu_layers": b.n_gpu_layers}
+            "n_gpu_layers": b.n_gpu_layers, "rpc": list(b.rpc)}
 
 
 def cost_curve(engine) -> dict:
@@ -228,7 +230,7 @@ def cost_curve(engine) -> dict:
     ceiling, at = max((n / curve.relative(n), n) for n in curve.sizes)
     # The curve is cached on disk, so a distorted one misleads every later run: flag one measured
     # now while another job held the cores, or one saying N > 1 tokens cost much less than one.
-    busy = wall > 0.5 and cpu / (wall * engine.backend.n_threads) < BUSY
+    busy = not engine.backend.rpc and wall > 0.5 and cpu / (wall * engine.backend.n_threads) < BUSY
     implausible = [n for n in curve.sizes if curve.relative(n) < 0.9]
     return {**curve.to_dict(), "ceiling": ceiling, "ceiling_n": at, "measured_busy": busy,
             "implausible": implausible}
@@ -294,12 +296,13 @@ def _runners(engine, pairs, sampling: dict, binary, build_error: str | None) -> 
 
 def run(*, model, threads, n_ctx, n_gpu_layers, suite: str, data_dir, methods: list[str],
         limit: int | None, max_tokens: int, sampling: dict, out: Path, command: str,
-        llama_server=None, echo=print) -> dict:
+        llama_server=None, rpc=(), echo=print) -> dict:
     """Load the model, run every method on the suite's prompts, write the three files; the data.
 
     llama.cpp's methods need a llama-server: `llama_server` if given, else the cached build for
     this binding, else it is built now (minutes, once). If that fails, those methods are
-    reported as failed with the reason.
+    reported as failed with the reason. With `rpc` workers only the engine's methods run: a
+    worker serves one client at a time, and the engine holds them.
     """
     from racer_local import ngram
     from racer_local.drafters.racer import calibration_table, shared_calibration
@@ -311,6 +314,9 @@ def run(*, model, threads, n_ctx, n_gpu_layers, suite: str, data_dir, methods: l
     if not prompts:
         raise suites.DataError(f"suite {suite!r} has no prompts")
     pairs = methods_.labels_for(methods)
+    if rpc and (apart := [m for _, m in pairs if m not in DRAFTERS]):
+        raise ValueError(f"{', '.join(apart)} cannot share the RPC workers with the engine (a worker "
+                         "serves one client at a time): bench them without --rpc")
     binary, peer = None, {}
     if any(m.startswith(LLAMA_CPP) for _, m in pairs):
         try:
@@ -319,7 +325,7 @@ def run(*, model, threads, n_ctx, n_gpu_layers, suite: str, data_dir, methods: l
         except PeerBuildError as e:
             peer = {"llama_server": None, "error": str(e)}
             echo(f"llama.cpp peers will be reported as failed: {e}")
-    with Engine(model, n_ctx=n_ctx, threads=threads, n_gpu_layers=n_gpu_layers) as engine:
+    with Engine(model, n_ctx=n_ctx, threads=threads, n_gpu_layers=n_gpu_layers, rpc=rpc or ()) as engine:
         curve = cost_curve(engine)  # measured now if not cached, never during the runs
         runners = _runners(engine, pairs, sampling, binary, peer.get("error"))
         try:

@@ -137,7 +137,11 @@ def _notes(data: dict) -> list[str]:
     notes += [f"`{label}` warm-up failed: {err}" for label, err in data["warmup_errors"].items()]
     notes += [f"`{label}` failed on {pid}: {run['error']}" for pid, p in data["prompts"].items()
               for label, run in p["runs"].items() if run["error"]]
-    busy = [pid for pid, p in data["prompts"].items() if p["cpu_share"] < BUSY]
+    busy = [pid for pid, p in data["prompts"].items()
+            if p["cpu_share"] is not None and p["cpu_share"] < BUSY]
+    if data["environment"].get("rpc"):
+        notes.append(f"The model's layers ran on RPC workers ({', '.join(data['environment']['rpc'])}): "
+                     "the quiet-machine check, which needs their CPU time, was off.")
     if busy:
         notes.append(f"The machine was busy (the bench and its llama-server peers got under "
                      f"{BUSY:.0%} of their threads' CPU time) during {len(busy)} of "

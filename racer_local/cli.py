@@ -13,6 +13,7 @@ from racer_local import defaults
 from racer_local.bench_suites import ENV_DATA, SUITES
 from racer_local.drafters import DRAFTERS
 from racer_local.errors import RacerError
+from racer_local.rpc import DEFAULT_PORT as RPC_PORT
 from racer_local.sampling import Sampler
 from racer_local.stats import Stats
 
@@ -46,6 +47,9 @@ def model_options(fn):
                          help="Context window in tokens (llama.cpp rounds it up to a multiple of 256)."),
             click.option("--n-gpu-layers", type=click.IntRange(min=-1), default=0, show_default=True,
                          help="Layers to offload to a GPU build of llama.cpp (-1: all)."),
+            click.option("--rpc", envvar="RACER_LOCAL_RPC", metavar="HOST:PORT[,...]",
+                         help="Place the model's layers on these `racer-local rpc-worker`s (env "
+                              "RACER_LOCAL_RPC); the output layer stays here."),
         ]
     ):
         fn = option(fn)
@@ -77,10 +81,10 @@ def sampling_options(fn):
     return fn
 
 
-def _engine(model, threads, n_ctx, n_gpu_layers):
+def _engine(model, threads, n_ctx, n_gpu_layers, rpc):
     from racer_local.engine import Engine  # imports llama.cpp: keep `--help` fast
 
-    return Engine(model, n_ctx=n_ctx, threads=threads, n_gpu_layers=n_gpu_layers)
+    return Engine(model, n_ctx=n_ctx, threads=threads, n_gpu_layers=n_gpu_layers, rpc=rpc or ())
 
 
 @click.group()
@@ -101,7 +105,7 @@ def main():
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming.")
 @click.option("--compare", is_flag=True, help="Also run `ar` on the prompt and report the speedup.")
 @_friendly_errors
-def generate(prompt, model, threads, n_ctx, n_gpu_layers, max_tokens, method, stop, as_json, compare,
+def generate(prompt, model, threads, n_ctx, n_gpu_layers, rpc, max_tokens, method, stop, as_json, compare,
              **sampling):
     """Generate a continuation of PROMPT ('-' reads it from stdin)."""
     if max_tokens < 1:
@@ -111,7 +115,7 @@ def generate(prompt, model, threads, n_ctx, n_gpu_layers, max_tokens, method, st
     if not prompt.strip():
         raise click.ClickException("the prompt is empty: give some text to continue")
     options = dict(max_tokens=max_tokens, stop=stop, **sampling)
-    with _engine(model, threads, n_ctx, n_gpu_layers) as engine:
+    with _engine(model, threads, n_ctx, n_gpu_layers, rpc) as engine:
         baseline = None
         if compare:
             engine.generate(prompt, max_tokens=8, method="ar")  # warm-up: page in the weights
@@ -161,7 +165,7 @@ def _speedup(stats: Stats, base: Stats) -> float:
               help="Refuse a message that overflows the context instead of dropping the oldest turns.")
 @click.option("--stats", "show_stats", is_flag=True, help="Print stats after every reply.")
 @_friendly_errors
-def chat(model, threads, n_ctx, n_gpu_layers, system, max_tokens, method, chat_format, no_truncate,
+def chat(model, threads, n_ctx, n_gpu_layers, rpc, system, max_tokens, method, chat_format, no_truncate,
          show_stats, **sampling):
     """Chat with a model in the terminal, replies streamed (/help lists the commands)."""
     from racer_local.chat import ChatSession, banner
@@ -170,7 +174,7 @@ def chat(model, threads, n_ctx, n_gpu_layers, system, max_tokens, method, chat_f
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    with _engine(model or _chat_model(), threads, n_ctx, n_gpu_layers) as engine:
+    with _engine(model or _chat_model(), threads, n_ctx, n_gpu_layers, rpc) as engine:
         engine.chat_format = chat_format
         click.echo(banner(engine, method))
         session = ChatSession(engine, system=system, show_stats=show_stats,
@@ -199,7 +203,7 @@ def _chat_model() -> str:
 @click.option("--max-queue", type=click.IntRange(min=1),
               help="Requests running or waiting before new ones are answered 503 (default: 16).")
 @_friendly_errors
-def serve(model, threads, n_ctx, n_gpu_layers, host, port, api_key, method, max_queue):
+def serve(model, threads, n_ctx, n_gpu_layers, rpc, host, port, api_key, method, max_queue):
     """An OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models) with a
     web chat at /."""
     from racer_local.server import serve as run_server
@@ -207,7 +211,7 @@ def serve(model, threads, n_ctx, n_gpu_layers, host, port, api_key, method, max_
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         click.echo(f"warning: serving on {host} without --api-key: anyone who can reach this machine "
                    "can use the model", err=True)
-    with _engine(model or _chat_model(), threads, n_ctx, n_gpu_layers) as engine:
+    with _engine(model or _chat_model(), threads, n_ctx, n_gpu_layers, rpc) as engine:
         engine.default_method = method
         click.echo(f"racer-local: http://{host}:{port}/ (web chat), OpenAI API at http://{host}:{port}/v1",
                    err=True)
@@ -292,21 +296,43 @@ def _command_line(params: dict) -> str:
 @click.option("-o", "--out", type=click.Path(file_okay=False), default="bench-out", show_default=True,
               help="Directory for results.json, report.md and speedup.png.")
 @_friendly_errors
-def bench(model, threads, n_ctx, n_gpu_layers, suite, data, methods, llama_server, limit, max_tokens, out,
-          **sampling):
+def bench(model, threads, n_ctx, n_gpu_layers, rpc, suite, data, methods, llama_server, limit, max_tokens,
+          out, **sampling):
     """Measure each method's decode speedup over plain decoding on public prompt sets."""
     from racer_local import bench as bench_lib
     from racer_local.bench_report import report
     from racer_local.bench_suites import find_data_dir
 
     command = _command_line(click.get_current_context().params)
-    result = bench_lib.run(model=model, threads=threads, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
+    result = bench_lib.run(model=model, threads=threads, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, rpc=rpc,
                            suite=suite, data_dir=find_data_dir(data), methods=_parse_methods(methods),
                            limit=limit, max_tokens=max_tokens, sampling=sampling, out=out,
                            command=command, llama_server=llama_server,
                            echo=lambda line: click.echo(line, err=True))
     click.echo(report(result))
     click.echo(f"wrote results.json, report.md and speedup.png to {out}", err=True)
+
+
+@main.command("rpc-worker")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind; anything but loopback lets other machines in, unauthenticated.")
+@click.option("--port", type=click.IntRange(1, 65535), default=RPC_PORT, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: cores).")
+@_friendly_errors
+def rpc_worker(host, port, threads):
+    """Serve this machine's GPU (else its CPU) to one racer-local client at a time (`--rpc`),
+    through llama.cpp's RPC backend."""
+    from racer_local import rpc
+    from racer_local.backend import default_threads
+
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"WARNING: serving on {host}: llama.cpp's RPC protocol has no authentication and no "
+                   "encryption: anyone who can reach this port can use this machine's memory and "
+                   "compute, and a hostile client may crash it. Use it only on a network you trust.",
+                   err=True)
+    rpc.serve(host, port, threads or default_threads())
+    raise click.ClickException(f"could not serve on {host}:{port}: the port is in use or the "
+                               "address is not one of this machine's")
 
 
 @main.command("build-llama-server")

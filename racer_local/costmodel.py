@@ -85,8 +85,9 @@ def cached(backend: Backend) -> CostCurve:
     import llama_cpp
 
     st = backend.model_path.stat()
+    where = [backend.n_gpu_layers, *([list(backend.rpc)] if backend.rpc else [])]  # RPC workers too
     key = json.dumps([str(backend.model_path.resolve()), st.st_size, st.st_mtime_ns, backend.n_threads,
-                      backend.n_gpu_layers, backend.n_batch, llama_cpp.__version__, platform.processor(),
+                      *where, backend.n_batch, llama_cpp.__version__, platform.processor(),
                       os.cpu_count(), SIZES])
     if key in _memo:
         return _memo[key]

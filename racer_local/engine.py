@@ -103,11 +103,15 @@ class Engine:
         n_ctx: int = defaults.N_CTX,
         n_gpu_layers: int = 0,
         threads: int | None = None,
+        rpc: str | Sequence[str] = (),
     ) -> None:
         """Load `model`: a .gguf path, a name from models.toml, or None for the embedded model.
-        n_gpu_layers offloads layers to a GPU build of llama.cpp (-1: all); 0 is CPU only."""
+        n_gpu_layers offloads layers to a GPU build of llama.cpp (-1: all); 0 is CPU only.
+        rpc: "HOST:PORT" of `racer-local rpc-worker`s (a list, or comma-separated) that take the
+        model's layers, the output layer staying here (see rpc.py)."""
         self.model_path = resolve_model(model)
-        self.backend = Backend(self.model_path, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=n_gpu_layers)
+        self.backend = Backend(self.model_path, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=n_gpu_layers,
+                               rpc=rpc)
         self._busy = threading.Lock()
         self._streams = weakref.WeakSet()  # the cancel flags of streams requested, not finished
         self._streams_lock = threading.Lock()

@@ -13,6 +13,10 @@ class ContextFullError(RacerError):
     """The prompt (or prompt plus draft) does not fit in the context window."""
 
 
+class RpcError(RacerError):
+    """An RPC worker is unreachable or incompatible, or llama.cpp was built without RPC."""
+
+
 class DecodeError(RacerError):
     """llama_decode failed or was cancelled; the KV cache has been rolled back."""
 
