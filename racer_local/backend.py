@@ -18,7 +18,7 @@ import llama_cpp as ll
 import numpy as np
 
 from racer_local import defaults
-from racer_local.errors import ContextFullError, DecodeError, ModelError, RpcError
+from racer_local.errors import ContextFullError, DecodeError, ModelError
 from racer_local.gguf import check_gguf
 
 _init_lock = threading.Lock()
@@ -72,7 +72,7 @@ class Backend:
         if rpc and n_gpu_layers:
             raise ValueError("with RPC workers the layers go to them: leave n_gpu_layers at 0")
         self.model_path = Path(model_path)
-        meta = check_gguf(self.model_path)
+        check_gguf(self.model_path)
         init_llama()
         self.n_threads = n_threads or default_threads()
         self.n_seq_max = n_seq_max
@@ -86,15 +86,8 @@ class Backend:
             from racer_local import rpc as rpc_
 
             self.rpc = tuple(rpc_.parse_endpoints(rpc))
-            workers = rpc_.devices(self.rpc)  # each probed first: a clear error, not an abort
-            mparams.devices = ctypes.cast(workers, ctypes.c_void_p)
-            # Offloading exactly the block count keeps the output layer here (llama.cpp offloads
-            # it only when n_gpu_layers exceeds the blocks).
-            arch = meta.get("general.architecture")
-            blocks = meta.get(f"{arch}.block_count")
-            if not isinstance(blocks, int):
-                raise RpcError(f"{self.model_path} has no {arch}.block_count: cannot split it over RPC")
-            mparams.n_gpu_layers = n_gpu_layers = blocks
+            self._placement = rpc_.place_on_workers(mparams, self.rpc)  # arrays mparams points into
+            n_gpu_layers = mparams.n_gpu_layers
         self._model = ll.llama_model_load_from_file(str(self.model_path).encode(), mparams)
         if not self._model:
             raise ModelError(

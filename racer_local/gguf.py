@@ -77,9 +77,8 @@ class _Reader:
         raise self.fail(f"unknown metadata type {vtype}")
 
 
-def check_gguf(path: str | Path) -> dict[str, int | float | str]:
-    """Raise ModelError with a clear sentence unless `path` looks like a whole GGUF model;
-    its scalar metadata (strings decoded) when it does."""
+def check_gguf(path: str | Path) -> None:
+    """Raise ModelError with a clear sentence unless `path` looks like a whole GGUF model."""
     path = Path(path)
     if not path.exists():
         raise ModelError(f"model file not found: {path}")
@@ -100,15 +99,12 @@ def check_gguf(path: str | Path) -> dict[str, int | float | str]:
     if version not in (2, 3):
         raise r.fail(f"unsupported GGUF version {version}")
     n_tensors, n_kv = r.count("tensor"), r.count("metadata")
-    meta = {}
+    alignment = 32
     for _ in range(n_kv):
-        key = r.string().decode(errors="replace")
+        key = r.string()
         value = r.value(r.take("I"))
-        if value is not None:
-            meta[key] = value.decode(errors="replace") if isinstance(value, bytes) else value
-    alignment = meta.get("general.alignment", 32)
-    if not isinstance(alignment, int) or alignment <= 0:
-        alignment = 32
+        if key == b"general.alignment" and isinstance(value, int) and value > 0:
+            alignment = value
     end = 0
     for _ in range(n_tensors):
         r.string()
@@ -127,4 +123,3 @@ def check_gguf(path: str | Path) -> dict[str, int | float | str]:
             f"{path} is truncated: its tensors need {data_start + end} bytes but the file has "
             f"{size}; download it again"
         )
-    return meta

@@ -130,9 +130,19 @@ def _rpc_proc(lib: ctypes.CDLL, name: str, signature):
     return signature(lib.ggml_backend_reg_get_proc_address(reg, name.encode()))
 
 
-def devices(endpoints: Sequence[str]) -> ctypes.Array:
-    """The workers' devices as the NULL-terminated array llama_model_params.devices takes,
-    every worker probed first. Keep the array referenced while the model loads."""
+# The output layer's tensors (gemma ties its output to the token embedding, which llama.cpp then
+# loads twice): kept in this machine's memory, so their matmul runs here.
+OUTPUT_TENSORS = rb"^(output|output_norm|token_embd)\."
+
+
+class _TensorBuftOverride(ctypes.Structure):  # llama_model_tensor_buft_override (llama.h)
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+def place_on_workers(mparams, endpoints: Sequence[str]) -> tuple:
+    """Set llama_model_params to put every layer on the workers' devices but the output layer;
+    every worker is probed first. Returns the ctypes arrays mparams points into: keep them
+    referenced until the model has loaded."""
     for endpoint in endpoints:
         probe(endpoint)
     lib = _ggml()
@@ -144,7 +154,15 @@ def devices(endpoints: Sequence[str]) -> ctypes.Array:
         if not reg:
             raise RpcError(f"RPC worker {endpoint} offers no devices")
         found += [lib.ggml_backend_reg_dev_get(reg, i) for i in range(lib.ggml_backend_reg_dev_count(reg))]
-    return (ctypes.c_void_p * (len(found) + 1))(*found, None)
+    devices = (ctypes.c_void_p * (len(found) + 1))(*found, None)
+    cpu = ctypes.CDLL(lib._name.replace("libggml.", "libggml-cpu."))
+    cpu.ggml_backend_cpu_buffer_type.restype = ctypes.c_void_p
+    overrides = (_TensorBuftOverride * 2)()  # NULL-terminated
+    overrides[0].pattern, overrides[0].buft = OUTPUT_TENSORS, cpu.ggml_backend_cpu_buffer_type()
+    mparams.devices = ctypes.cast(devices, ctypes.c_void_p)
+    mparams.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
+    mparams.n_gpu_layers = -1  # every layer (llama.cpp counts the output layer as one: overridden)
+    return devices, overrides
 
 
 def serve(host: str, port: int, threads: int) -> None:

@@ -145,20 +145,31 @@ def workers():
             proc.wait(10)
 
 
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+    return i if i is not None or len(a) == len(b) else min(len(a), len(b))
+
+
 @needs_rpc
 def test_the_model_split_over_two_workers_decodes_like_a_local_run(model_path, engine, workers):
+    """Same greedy text as here, up to a near-tie (the output layer's matmul runs here, the
+    blocks' on the workers: other kernel choices, other last bits; see test_lossless), and
+    RACER still verifies several tokens a step."""
+    from racer_local.bench import NEAR_TIE, _margin
     from racer_local.engine import Engine
 
     prompt = "List the planets of the solar system in order from the sun: Mercury, Venus,"
     engine.reset()
-    local = {m: engine.generate(prompt, max_tokens=32, method=m) for m in ("ar", "racer")}
+    local = engine.generate(prompt, max_tokens=32, method="ar")
     with Engine(model_path, n_ctx=1024, threads=2, rpc=workers) as remote:
         assert remote.backend.rpc == tuple(workers)
         split = {m: remote.generate(prompt, max_tokens=32, method=m) for m in ("ar", "racer")}
-    assert split["ar"].tokens == local["ar"].tokens
-    assert split["racer"].tokens == local["racer"].tokens
+    for method, run in split.items():
+        i = first_difference(run.tokens, local.tokens)
+        if i is not None:
+            margin = _margin(engine, engine.tokenize(prompt) + local.tokens[:i])
+            assert margin < NEAR_TIE, f"{method} over RPC left the local text at {i}, margin {margin:.2f}"
     assert split["racer"].stats.steps < split["ar"].stats.steps  # trees verify several tokens a step
-
 
 def test_bench_keeps_other_clients_off_the_workers(tmp_path):
     """A worker serves one client at a time and the engine holds it: peers that would need their
