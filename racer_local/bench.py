@@ -53,14 +53,20 @@ class Run:
 # ----- running ------------------------------------------------------------------------------
 
 
-def run_prompt(engine, method, prompt: suites.Prompt, max_tokens: int, sampling: dict) -> Run:
-    """Every turn of `prompt`; later turns follow this method's own earlier answers."""
+def run_prompt(engine, method, prompt: suites.Prompt, max_tokens: int, sampling: dict,
+               replay: Run | None = None) -> Run:
+    """Every turn of `prompt`; later turns follow this method's own earlier answers. With
+    `replay` (a finished run) a method that can be pinned commits that run's tokens."""
     run, messages = Run(), []
+    pinned = replay is not None and not replay.error and getattr(method, "replays", False)
     try:
-        for text in prompt.turns:
+        for i, text in enumerate(prompt.turns):
             messages.append(("user", text))
             ids = suites.chat_tokens(engine, messages)
-            turn = method.generate(ids, max_tokens, sampling)
+            if pinned:
+                turn = method.generate(ids, max_tokens, sampling, replay=replay.turns[i].tokens)
+            else:
+                turn = method.generate(ids, max_tokens, sampling)
             run.turns.append(turn)
             messages.append(("assistant", suites.reply_text(engine, turn.text)))
     except Exception as e:  # recorded and counted as a failure, never dropped
@@ -69,11 +75,12 @@ def run_prompt(engine, method, prompt: suites.Prompt, max_tokens: int, sampling:
 
 
 def run_all(engine, methods: dict, prompts: list[suites.Prompt], *, max_tokens: int,
-            sampling: dict, progress: bool = True):
+            sampling: dict, progress: bool = True, same_text: bool = False):
     """Methods interleaved per prompt. Returns {prompt id: {label: Run}}, {label: warm-up
     error} and {prompt id: CPU share}: the CPU seconds of this process and its llama-server
     peers over wall seconds x threads while the prompt ran, which drops (to ~0.5) when
-    another job competes for the cores."""
+    another job competes for the cores. With `same_text`, `ar` runs first on each prompt
+    and racer-local's other methods commit its tokens (greedy only)."""
     from tqdm import tqdm
 
     labels = list(methods)
@@ -93,10 +100,14 @@ def run_all(engine, methods: dict, prompts: list[suites.Prompt], *, max_tokens: 
         for k, prompt in enumerate(prompts):
             results[prompt.id] = {}
             wall, cpu = time.perf_counter(), _cpu_seconds(methods)
-            for label in labels[k % len(labels):] + labels[: k % len(labels)]:
+            order = labels[k % len(labels):] + labels[: k % len(labels)]
+            if same_text:
+                order = [BASELINE, *(x for x in order if x != BASELINE)]
+            for label in order:
                 bar.set_postfix_str(f"{prompt.id} {label}", refresh=False)
+                replay = results[prompt.id].get(BASELINE) if same_text else None
                 results[prompt.id][label] = run_prompt(engine, methods[label], prompt, max_tokens,
-                                                       sampling)
+                                                       sampling, replay)
                 bar.update(1)
             wall, cpu = time.perf_counter() - wall, _cpu_seconds(methods) - cpu
             # With RPC workers most of the work runs in their processes: no share to judge by.
@@ -296,14 +307,16 @@ def _runners(engine, pairs, sampling: dict, binary, build_error: str | None) -> 
 
 def run(*, model, threads, n_ctx, n_gpu_layers, suite: str, data_dir, methods: list[str],
         limit: int | None, max_tokens: int, sampling: dict, out: Path, command: str,
-        llama_server=None, rpc=(), echo=print) -> dict:
+        llama_server=None, rpc=(), same_text: bool = False, echo=print) -> dict:
     """Load the model, run every method on the suite's prompts, write the three files; the data.
 
     llama.cpp's methods need a llama-server: `llama_server` if given, else the cached build for
     this binding, else it is built now (minutes, once). If that fails, those methods are
     reported as failed with the reason. With `rpc` workers only the engine's methods run: a
-    worker serves one client at a time, and the engine holds them.
+    worker serves one client at a time, and the engine holds them. `same_text`: see run_all.
     """
+    if same_text and sampling.get("temperature", 0) != 0:
+        raise ValueError("--same-text pins every method to ar's greedy text: use it with temperature 0")
     from racer_local import ngram
     from racer_local.drafters.racer import calibration_table, shared_calibration
     from racer_local.engine import Engine
@@ -330,7 +343,8 @@ def run(*, model, threads, n_ctx, n_gpu_layers, suite: str, data_dir, methods: l
         runners = _runners(engine, pairs, sampling, binary, peer.get("error"))
         try:
             results, warmup_errors, cpu_share = run_all(engine, runners, prompts,
-                                                        max_tokens=max_tokens, sampling=sampling)
+                                                        max_tokens=max_tokens, sampling=sampling,
+                                                        same_text=same_text)
         finally:
             for runner in runners.values():
                 runner.close()
@@ -346,7 +360,7 @@ def run(*, model, threads, n_ctx, n_gpu_layers, suite: str, data_dir, methods: l
         "command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "duration_s": time.perf_counter() - started,
         "settings": {"suite": suite, "prompts": len(prompts), "methods": dict(pairs),
-                     "limit": limit, "max_tokens": max_tokens, **sampling},
+                     "limit": limit, "max_tokens": max_tokens, "same_text": same_text, **sampling},
         "environment": env, "cost_curve": curve, "warmup_errors": warmup_errors,
         "summary": summary, "versus_peers": versus_peers(summary), "same_engine": same_engine(summary),
         "calibration": calibration,

@@ -38,8 +38,12 @@ class EngineMethod:
     def __init__(self, engine, method: str) -> None:
         self.engine, self.method = engine, method
 
-    def generate(self, prompt: list[int], max_tokens: int, sampling: dict) -> Turn:
+    replays = True  # can be pinned to another run's tokens (the bench's same-text mode)
+
+    def generate(self, prompt: list[int], max_tokens: int, sampling: dict, replay=None) -> Turn:
         self.engine.reset()  # cold prefill for every method alike
+        if replay is not None:
+            sampling, max_tokens = {**sampling, "replay": replay}, len(replay)
         c = self.engine.generate(prompt, max_tokens=max_tokens, method=self.method, **sampling)
         return Turn(c.stats, c.tokens, c.text, c.finish_reason, prompt)
 

@@ -139,6 +139,10 @@ def _notes(data: dict) -> list[str]:
               for label, run in p["runs"].items() if run["error"]]
     busy = [pid for pid, p in data["prompts"].items()
             if p["cpu_share"] is not None and p["cpu_share"] < BUSY]
+    if data["settings"].get("same_text"):
+        notes.append("Same text (--same-text): racer-local's methods committed `ar`'s tokens on every "
+                     "prompt, their drafts verified and timed as usual, so they are compared on one "
+                     "text (their identical column says nothing); llama.cpp's methods decoded their own.")
     if data["environment"].get("rpc"):
         notes.append(f"The model's layers ran on RPC workers ({', '.join(data['environment']['rpc'])}): "
                      "the quiet-machine check, which needs their CPU time, was off.")

@@ -270,8 +270,11 @@ def _command_line(params: dict) -> str:
     """The options this run used, as a command that repeats it."""
     words = ["racer-local", "bench"]
     for name, value in params.items():
-        if value is not None:
-            words += [f"--{name.replace('_', '-')}", str(value)]
+        flag = f"--{name.replace('_', '-')}"
+        if isinstance(value, bool):  # a flag
+            words += [flag] if value else []
+        elif value is not None:
+            words += [flag, str(value)]
     return " ".join(words)
 
 
@@ -293,11 +296,14 @@ def _command_line(params: dict) -> str:
 @click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=defaults.MAX_TOKENS,
               show_default=True, help="Tokens to generate per turn.")
 @sampling_options
+@click.option("--same-text", is_flag=True,
+              help="Pin racer-local's methods to ar's greedy tokens, so drafters are compared on one "
+                   "text (methods otherwise part at near-ties and decode different texts).")
 @click.option("-o", "--out", type=click.Path(file_okay=False), default="bench-out", show_default=True,
               help="Directory for results.json, report.md and speedup.png.")
 @_friendly_errors
 def bench(model, threads, n_ctx, n_gpu_layers, rpc, suite, data, methods, llama_server, limit, max_tokens,
-          out, **sampling):
+          same_text, out, **sampling):
     """Measure each method's decode speedup over plain decoding on public prompt sets."""
     from racer_local import bench as bench_lib
     from racer_local.bench_report import report
@@ -307,7 +313,7 @@ def bench(model, threads, n_ctx, n_gpu_layers, rpc, suite, data, methods, llama_
     result = bench_lib.run(model=model, threads=threads, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, rpc=rpc,
                            suite=suite, data_dir=find_data_dir(data), methods=_parse_methods(methods),
                            limit=limit, max_tokens=max_tokens, sampling=sampling, out=out,
-                           command=command, llama_server=llama_server,
+                           command=command, llama_server=llama_server, same_text=same_text,
                            echo=lambda line: click.echo(line, err=True))
     click.echo(report(result))
     click.echo(f"wrote results.json, report.md and speedup.png to {out}", err=True)

@@ -36,7 +36,7 @@ from racer_local.drafters import make_drafter
 from racer_local.drafters.base import Drafter
 from racer_local.errors import ContextFullError, DecodeError, RacerError
 from racer_local.models import resolve_model
-from racer_local.sampling import Sampler
+from racer_local.sampling import Replay, Sampler
 from racer_local.stats import Stats
 from racer_local.text import TextStream
 
@@ -63,16 +63,23 @@ class GenerationOptions:
     repeat_last_n: int = _SAMPLER["repeat_last_n"]
     seed: int | None = _SAMPLER["seed"]
     stop: Sequence[str] = ()  # strings that end the generation (not included in the text)
+    # Commit these tokens instead of the model's choices, drafts verified against them (the
+    # bench's same-text mode; sampling.Replay). Greedy only.
+    replay: Sequence[int] | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
         if isinstance(self.stop, str):  # one stop string, not one per character
             object.__setattr__(self, "stop", (self.stop,))
+        if self.replay is not None and self.temperature != 0:
+            raise ValueError("replay pins the text: it cannot be combined with temperature > 0")
 
-    def sampler(self, context: Sequence[int]) -> Sampler:
+    def sampler(self, context: Sequence[int]) -> Sampler | Replay:
+        if self.replay is not None:
+            return Replay(self.replay)
         fields = asdict(self)
-        for name in ("max_tokens", "method", "stop"):
+        for name in ("max_tokens", "method", "stop", "replay"):
             del fields[name]
         return Sampler(**fields, context=context)
 

@@ -140,3 +140,21 @@ def _mass(logits: np.ndarray, best: float, k: int) -> float:
     """
     vals = logits if k >= len(logits) else logits[np.argpartition(logits, -k)[-k:]]
     return float(np.exp(vals - np.float32(best), dtype=np.float32).sum(dtype=np.float64))
+
+
+class Replay:
+    """Commits the given tokens in order, whatever the rows say; past them, the argmax.
+
+    Greedy verification against a known text: a method's drafts are verified (and timed) as
+    usual, but the text it commits is `tokens`, so methods that would part at a near-tie
+    (batched and one-token decoding differ in the last bits) are measured on the same text.
+    """
+
+    greedy = True
+
+    def __init__(self, tokens: Sequence[int]) -> None:
+        self.tokens, self.at = [int(t) for t in tokens], 0
+
+    def __call__(self, row: np.ndarray) -> int:
+        self.at += 1
+        return self.tokens[self.at - 1] if self.at <= len(self.tokens) else int(row.argmax())

@@ -215,3 +215,20 @@ def test_the_ceiling_comes_from_the_cost_curve(bench_run):
     points = zip(curve["sizes"], curve["seconds"], strict=True)
     implied = max(n * curve["seconds"][0] / s for n, s in points)
     assert curve["ceiling"] == pytest.approx(implied, rel=1e-6) and curve["ceiling"] >= 1.0
+
+
+def test_same_text_pins_our_methods_to_ars_tokens(tmp_path, model_path):
+    (tmp_path / "mgsm_zh.tsv").write_text("小明有3个苹果，又买了5个。他现在有几个苹果？\t8\n")
+    data = bench.run(model=model_path, threads=1, n_ctx=512, n_gpu_layers=0, suite="mgsm-zh",
+                     data_dir=tmp_path, methods=["ar", "racer", "pld"], limit=1, max_tokens=24,
+                     sampling={"temperature": 0.0}, out=tmp_path / "out", command="", same_text=True,
+                     echo=lambda line: None)
+    (runs,) = [p["runs"] for p in data["prompts"].values()]
+    tokens = {label: run["turns"][0]["tokens"] for label, run in runs.items()}
+    assert tokens["racer"] == tokens["pld"] == tokens["ar"]
+    assert data["settings"]["same_text"]
+    assert "Same text" in (tmp_path / "out" / "report.md").read_text()
+    with pytest.raises(ValueError, match="temperature 0"):
+        bench.run(model=model_path, threads=1, n_ctx=512, n_gpu_layers=0, suite="mgsm-zh",
+                  data_dir=tmp_path, methods=["ar"], limit=1, max_tokens=4, sampling={"temperature": 0.7},
+                  out=tmp_path / "out2", command="", same_text=True)

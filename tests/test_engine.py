@@ -89,6 +89,21 @@ def test_options_are_checked():
         GenerationOptions(temprature=1.0)
     assert GenerationOptions(stop="END").stop == ("END",)
     assert GenerationOptions().sampler([1, 2]).greedy
+    with pytest.raises(ValueError, match="replay pins the text"):
+        GenerationOptions(replay=[1, 2], temperature=0.8)
+
+
+def test_replay_commits_the_given_text_and_verifies_drafts_against_it(engine):
+    """The bench's same-text mode: the tokens are the replayed ones, not the model's choices,
+    and racer's drafts are verified against them (a replayed copy of the prompt: few steps)."""
+    line = " one two three four five six seven eight nine ten."
+    prompt, forced = line * 2, engine.backend.tokenize(line * 2, add_special=False)
+    assert engine.generate(prompt, max_tokens=len(forced), method="ar").tokens != forced
+    for method in ("ar", "racer"):
+        engine.reset()
+        c = engine.generate(prompt, max_tokens=len(forced), method=method, replay=forced)
+        assert c.tokens == forced
+    assert c.stats.steps < len(forced)
 
 
 # ----- chat on the real model ---------------------------------------------------------------------
