@@ -25,7 +25,11 @@ import numpy as np
 from racer_local.backend import Backend
 from racer_local.models import cache_dir
 
-SIZES = (*range(1, 13), 14, 16, 20, 24, 32, 40, 48, 63)  # 63: the most nodes a tree gets (n_seq_max 64)
+# Tree sizes measured, and the only ones racer chooses: a size between two measured ones is never
+# priced by interpolation, since llama.cpp's CPU kernels make an odd batch cost much more than
+# the even one above it (gemma-3-270m here, 2 threads, x one token: t(7) 4.46, t(8) 4.20,
+# t(15) 8.40, t(16) 6.40, t(31) 11.37, t(32) 10.55). 62: the largest even tree n_seq_max 64 allows.
+SIZES = (*range(1, 13), 14, 16, 20, 24, 28, 32, 40, 48, 56, 62)
 
 
 @dataclass(frozen=True)
@@ -126,9 +130,16 @@ class LiveCost:
     time(n) = measured(n) x the median ratio observed/measured of the last WINDOW steps whose
     size shares n's octave (1, 2-3, 4-7, 8-15, ...: big trees are rare, so neighbours pool
     their evidence), or of the last steps of any size while that octave has fewer than
-    MIN_SEEN; then made non-decreasing in n, so noise never makes a bigger tree look cheaper.
-    Observed steps include the walk and the bookkeeping, which the measurement leaves out, so
-    the refined curve is the cost a step really has. An observation costs microseconds.
+    MIN_SEEN. Observed steps include the walk and the bookkeeping, which the measurement
+    leaves out, so the refined curve is the cost a step really has. An observation costs
+    microseconds.
+
+    The measured shape is kept, dips included: llama.cpp's CPU kernels make an even batch
+    cheaper than the odd one below it (gemma-3-270m and Qwen2.5-Coder-0.5B here, 2 threads,
+    min of 7: t(3) 3.02 and 2.76, t(4) 2.52 and 2.35 x one token), so a 4-node tree beats a
+    3-node one whatever its 4th node, and a curve forced non-decreasing hid that (it priced
+    t(4) as t(3)). Only across octaves, where the ratios differ, is noise kept from making
+    bigger trees look cheaper: no size costs less than the cheapest of a smaller octave.
     """
 
     WINDOW = 16
@@ -156,7 +167,11 @@ class LiveCost:
             self._ratio[octave] = _median(seen)
         ratios = self._ratio[self._octave]
         ratios = np.where(np.isnan(ratios), _median(self._recent), ratios)
-        self._table = np.maximum.accumulate(self._base * ratios)
+        table = self._base * ratios
+        cheapest = np.full(len(self._ratio), np.inf)  # per octave
+        np.minimum.at(cheapest, self._octave, table)
+        below = np.maximum.accumulate(np.concatenate([[0.0], np.where(np.isinf(cheapest), 0.0, cheapest)]))
+        self._table = np.maximum(table, below[self._octave])  # below[k]: octaves < k
 
     def time(self, n: int) -> float:
         if n < len(self._table):

@@ -61,6 +61,22 @@ def test_a_busy_or_implausible_cached_curve_is_measured_again(fake_backend, monk
     assert len(measured) == 2
 
 
+def test_live_cost_keeps_the_measured_dips_but_not_noise_across_octaves():
+    """Even batches cost less than the odd one below them on llama.cpp's CPU kernels: the
+    refined curve keeps that, so a 4-node tree is priced below a 3-node one."""
+    from racer_local.costmodel import LiveCost
+
+    base = CostCurve((1, 2, 3, 4, 5, 6, 7, 8, 16), (1.0, 1.7, 3.0, 2.4, 3.3, 2.7, 3.8, 3.4, 5.6))
+    live = LiveCost(base)
+    for _ in range(5):
+        live.observe(3, 3.0 * 1.1)  # octave 2-3 costs 10% more than measured
+    assert live.time(4) < live.time(3)  # the dip survives refinement
+    assert live.time(6) < live.time(5)
+    for _ in range(5):
+        live.observe(8, 3.4 * 0.5)  # a noisy octave (8-15) claims half the measured cost
+    assert live.time(8) >= max(min(live.time(n) for n in (2, 3)), min(live.time(n) for n in range(4, 8)))
+
+
 def test_live_cost_learns_from_observed_steps_and_stays_monotone():
     from racer_local.costmodel import LiveCost
 

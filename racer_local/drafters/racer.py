@@ -222,6 +222,7 @@ class Racer(Drafter):
         """`cost`: a costmodel curve (time(n); observe(n, s) if it learns online)."""
         self.cost, self.config = cost, config
         self.max_nodes = config.max_nodes or max(getattr(cost, "sizes", (32,)))
+        self.sizes = frozenset(getattr(cost, "sizes", ()))  # the sizes a tree may have (measured)
         self.prefill_rows = max(1, config.prompt_rows) if config.logits else 1
         self.index = NgramIndex(window=config.window, max_nodes=config.max_index_nodes)
         self.keep_state = keep_state
@@ -278,9 +279,12 @@ class Racer(Drafter):
             chosen.append(path)
             self._keys[path] = key
             expected += p
-            rate = expected / (self.cost.time(len(chosen) + 1) + self._overhead)
+            n = len(chosen) + 1
+            if self.sizes and n not in self.sizes:
+                continue  # its cost was not measured (see costmodel.SIZES)
+            rate = expected / (self.cost.time(n) + self._overhead)
             if rate > best_rate:
-                size, best_rate = len(chosen) + 1, rate
+                size, best_rate = n, rate
         # The best candidates left out are scored once the text they guessed is committed, so a
         # kind that is never drafted (its estimate too low to pay) still gets its estimate
         # corrected: without this, a low prior would stop a good source for good.
