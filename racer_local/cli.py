@@ -74,7 +74,8 @@ def sampling_options(fn):
                          help="Penalise tokens seen in the last --repeat-last-n tokens (1: off)."),
             click.option("--repeat-last-n", type=click.IntRange(min=0), default=SAMPLING["repeat_last_n"],
                          show_default=True, help="Window of the repeat penalty, in tokens."),
-            click.option("--seed", type=int, help="Random seed for sampling (same seed, same output)."),
+            click.option("--seed", type=int,
+                         help="Random seed for sampling (same seed, same output from a fresh model)."),
         ]
     ):
         fn = option(fn)

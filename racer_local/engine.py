@@ -54,7 +54,9 @@ class GenerationOptions:
 
     max_tokens: int = defaults.MAX_TOKENS
     method: str = defaults.METHOD  # a drafter name (racer_local.drafters.DRAFTERS); "ar" is plain decoding
-    # Sampling: the sampler's own defaults (greedy), documented there; same seed, same output.
+    # Sampling: the sampler's own defaults (greedy), documented there. Same seed, same output
+    # from a freshly loaded model (README, limits: a used one's trees differ, and with them the
+    # batch shapes whose logits llama.cpp computes slightly differently).
     temperature: float = _SAMPLER["temperature"]
     top_k: int = _SAMPLER["top_k"]
     top_p: float = _SAMPLER["top_p"]
