@@ -62,7 +62,7 @@ class Backend:
         n_batch: int = 512,
         rpc: str | Sequence[str] = (),
     ) -> None:
-        """`rpc`: HOST:PORT of llama.cpp RPC workers that take every repeating layer (rpc.py)."""
+        """`rpc`: HOST:PORT of llama.cpp RPC workers that take every layer but the output (rpc.py)."""
         if n_ctx < 16:
             raise ValueError(f"n_ctx must be at least 16, got {n_ctx}")
         if not 2 <= n_seq_max <= 256:

@@ -96,14 +96,19 @@ def probe(endpoint: str, timeout: float = PROBE_TIMEOUT_S) -> int:
     return devices
 
 
-def _ggml() -> ctypes.CDLL:
-    """ggml's C API from the libraries llama-cpp-python ships (the binding exposes none of it)."""
+def _library(name: str) -> ctypes.CDLL:
+    """One of the libraries llama-cpp-python ships (already loaded: the same handle)."""
     from pathlib import Path
 
     import llama_cpp
     from llama_cpp._ctypes_extensions import load_shared_library
 
-    lib = load_shared_library("ggml", Path(llama_cpp.__file__).parent / "lib")
+    return load_shared_library(name, Path(llama_cpp.__file__).parent / "lib")
+
+
+def _ggml() -> ctypes.CDLL:
+    """ggml's C API (the binding exposes none of it)."""
+    lib = _library("ggml")
     p = ctypes.c_void_p
     for name, args, res in [
         ("ggml_backend_reg_by_name", [ctypes.c_char_p], p),
@@ -143,11 +148,11 @@ def place_on_workers(mparams, endpoints: Sequence[str]) -> tuple:
     """Set llama_model_params to put every layer on the workers' devices but the output layer;
     every worker is probed first. Returns the ctypes arrays mparams points into: keep them
     referenced until the model has loaded."""
-    for endpoint in endpoints:
-        probe(endpoint)
     lib = _ggml()
     add_server = _rpc_proc(lib, "ggml_backend_rpc_add_server",
                            ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_char_p))
+    for endpoint in endpoints:
+        probe(endpoint)
     found = []
     for endpoint in endpoints:
         reg = add_server(endpoint.encode())
@@ -155,7 +160,7 @@ def place_on_workers(mparams, endpoints: Sequence[str]) -> tuple:
             raise RpcError(f"RPC worker {endpoint} offers no devices")
         found += [lib.ggml_backend_reg_dev_get(reg, i) for i in range(lib.ggml_backend_reg_dev_count(reg))]
     devices = (ctypes.c_void_p * (len(found) + 1))(*found, None)
-    cpu = ctypes.CDLL(lib._name.replace("libggml.", "libggml-cpu."))
+    cpu = _library("ggml-cpu")
     cpu.ggml_backend_cpu_buffer_type.restype = ctypes.c_void_p
     overrides = (_TensorBuftOverride * 2)()  # NULL-terminated
     overrides[0].pattern, overrides[0].buft = OUTPUT_TENSORS, cpu.ggml_backend_cpu_buffer_type()

@@ -82,6 +82,7 @@ def test_a_worker_without_devices_is_refused():
         rpc.probe(fake_worker(no_devices))
 
 
+@needs_rpc
 def test_the_cli_reports_an_unreachable_worker_in_one_line(model_path):
     port = free_port()
     result = CliRunner().invoke(main, ["generate", "Hi", "-m", str(model_path), "-n", "2",
