@@ -110,9 +110,14 @@ def run_all(engine, methods: dict, prompts: list[suites.Prompt], *, max_tokens: 
                                                        sampling, replay)
                 bar.update(1)
             wall, cpu = time.perf_counter() - wall, _cpu_seconds(methods) - cpu
-            # With RPC workers most of the work runs in their processes: no share to judge by.
-            cpu_share[prompt.id] = None if engine.backend.rpc else cpu / (wall * engine.backend.n_threads)
+            cpu_share[prompt.id] = _cpu_share(engine, cpu, wall)
     return results, warmup_errors, cpu_share
+
+
+def _cpu_share(engine, cpu: float, wall: float) -> float | None:
+    """CPU seconds over wall seconds x threads; None with RPC workers, whose processes (perhaps
+    on other machines) do most of the work."""
+    return None if engine.backend.rpc else cpu / (wall * engine.backend.n_threads)
 
 
 def _cpu_seconds(methods: dict) -> float:
@@ -241,7 +246,7 @@ def cost_curve(engine) -> dict:
     ceiling, at = max((n / curve.relative(n), n) for n in curve.sizes)
     # The curve is cached on disk, so a distorted one misleads every later run: flag one measured
     # now while another job held the cores, or one saying N > 1 tokens cost much less than one.
-    busy = not engine.backend.rpc and wall > 0.5 and cpu / (wall * engine.backend.n_threads) < BUSY
+    busy = wall > 0.5 and (share := _cpu_share(engine, cpu, wall)) is not None and share < BUSY
     implausible = [n for n in curve.sizes if curve.relative(n) < 0.9]
     return {**curve.to_dict(), "ceiling": ceiling, "ceiling_n": at, "measured_busy": busy,
             "implausible": implausible}

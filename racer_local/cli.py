@@ -18,6 +18,7 @@ from racer_local.sampling import Sampler
 from racer_local.stats import Stats
 
 SAMPLING = {f.name: f.default for f in fields(Sampler) if f.init}  # the library's defaults
+LOOPBACK = ("127.0.0.1", "localhost", "::1")  # addresses only this machine can reach
 
 
 def _friendly_errors(fn):
@@ -209,7 +210,7 @@ def serve(model, threads, n_ctx, n_gpu_layers, rpc, host, port, api_key, method,
     web chat at /."""
     from racer_local.server import serve as run_server
 
-    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+    if host not in LOOPBACK and not api_key:
         click.echo(f"warning: serving on {host} without --api-key: anyone who can reach this machine "
                    "can use the model", err=True)
     with _engine(model or _chat_model(), threads, n_ctx, n_gpu_layers, rpc) as engine:
@@ -332,7 +333,7 @@ def rpc_worker(host, port, threads):
     from racer_local import rpc
     from racer_local.backend import default_threads
 
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    if host not in LOOPBACK:
         click.echo(f"WARNING: serving on {host}: llama.cpp's RPC protocol has no authentication and no "
                    "encryption: anyone who can reach this port can use this machine's memory and "
                    "compute, and a hostile client may crash it. Use it only on a network you trust.",

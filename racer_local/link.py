@@ -20,6 +20,8 @@ import time
 
 import click
 
+from racer_local.rpc import split_endpoint
+
 
 def _wire(src: socket.socket, dst: socket.socket, latency: float, bytes_per_s: float) -> None:
     """Copy src to dst as the link would deliver it, until either side closes."""
@@ -57,10 +59,10 @@ def _close(sock: socket.socket) -> None:
 
 
 def _address(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise click.BadParameter(f"{text!r} is not HOST:PORT")
-    return host, int(port)
+    try:
+        return split_endpoint(text)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
 
 
 def relay(listen: tuple[str, int], to: tuple[str, int], latency_s: float, mbit: float,

@@ -32,15 +32,23 @@ DEFAULT_PORT = 50052  # rpc-server's
 PROBE_TIMEOUT_S = 10.0
 
 
+def split_endpoint(text: str) -> tuple[str, int]:
+    """'host:port' -> (host, port), or ValueError naming the text."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:{DEFAULT_PORT})")
+    return host, int(port)
+
+
 def parse_endpoints(spec: str | Iterable[str]) -> list[str]:
     """'host:port,host:port' (or a list of them) -> checked 'host:port' strings, in order."""
     items = spec.split(",") if isinstance(spec, str) else list(spec)
     endpoints = []
-    for item in (i.strip() for i in items):
-        host, sep, port = item.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-            raise ValueError(f"RPC worker {item!r} is not HOST:PORT (e.g. 127.0.0.1:{DEFAULT_PORT})")
-        endpoints.append(f"{host}:{int(port)}")
+    for item in items:
+        try:
+            endpoints.append("{}:{}".format(*split_endpoint(item)))
+        except ValueError as e:
+            raise ValueError(f"RPC worker {e}") from None
     if not endpoints:
         raise ValueError("no RPC workers given: pass HOST:PORT[,HOST:PORT...]")
     if len(set(endpoints)) != len(endpoints):
@@ -62,10 +70,10 @@ def probe(endpoint: str, timeout: float = PROBE_TIMEOUT_S) -> int:
     """Handshake with the worker at `endpoint` as llama.cpp would, then hang up; its device count.
 
     Raises RpcError with the reason instead of letting ggml-rpc abort the process."""
-    host, _, port = endpoint.rpartition(":")
+    host, port = split_endpoint(endpoint)
     me = "{}.{}.{}".format(*PROTOCOL)
     try:
-        sock = socket.create_connection((host, int(port)), timeout=timeout)
+        sock = socket.create_connection((host, port), timeout=timeout)
     except OSError as e:
         raise RpcError(f"cannot reach RPC worker {endpoint}: {e.strerror or e}; start one there "
                        f"with `racer-local rpc-worker --port {port}`") from None
