@@ -182,7 +182,8 @@ def test_a_full_queue_answers_503_with_retry_after(model_path):
         body = {"messages": [{"role": "user", "content": "A long story:"}], "max_tokens": 300, "stream": True,
                 "method": "ar"}
         with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as first:
-            next(first.iter_lines())  # the first request holds the engine
+            lines = first.iter_lines()  # kept: a collected iterator closes the stream, a disconnect
+            next(lines)  # the first request holds the engine
             r = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 1})
             assert r.status_code == 503 and r.headers["retry-after"] == "2"
             assert r.json()["error"]["code"] == "queue_full"
