@@ -4,7 +4,8 @@
 # llama-cpp-python ships only as source, so pip compiles llama.cpp. A default
 # build uses -march=native, which on CPUs with AMX turns on kernels that crash on
 # the first decode; so on x86-64 we build for the instruction sets the CPU
-# reports, AMX left out. Set CMAKE_ARGS yourself to override, e.g.
+# reports, AMX left out. Add flags with CMAKE_ARGS (the CPU flags stay unless it names
+# GGML_NATIVE), e.g.
 #   CMAKE_ARGS="-DGGML_CUDA=on" ./install.sh         (NVIDIA GPU)
 # Metal is on by default on macOS. ggml's RPC backend (racer-local rpc-worker, --rpc) is always
 # added: it costs nothing until used. The built wheel is cached per flag set in
@@ -50,7 +51,13 @@ cpu_cmake_args() {
     echo "$args"
 }
 
-CMAKE_ARGS="${CMAKE_ARGS:-$(cpu_cmake_args)}"
+# CPU flags go in unless CMAKE_ARGS says otherwise: a GPU build still runs some ops on the CPU,
+# and on an AMX host llama.cpp's native default would crash there.
+if [ -z "${CMAKE_ARGS:-}" ]; then
+    CMAKE_ARGS=$(cpu_cmake_args)
+elif [[ "$CMAKE_ARGS" != *GGML_NATIVE* ]]; then
+    CMAKE_ARGS="$CMAKE_ARGS $(cpu_cmake_args)"
+fi
 [[ "$CMAKE_ARGS" == *GGML_RPC* ]] || CMAKE_ARGS="$CMAKE_ARGS -DGGML_RPC=ON"
 export CMAKE_ARGS
 echo "install.sh: building llama.cpp with CMAKE_ARGS=\"$CMAKE_ARGS\"" >&2
