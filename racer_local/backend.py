@@ -1,7 +1,8 @@
 """llama.cpp through llama-cpp-python's low-level ctypes API: the only module that touches ctypes.
 
 It loads a model, tokenizes, decodes batches of (token, position, sequence ids) with logits
-returned as a numpy view, and edits the KV cache by sequence id. Sequence 0 always holds the
+returned as a numpy view (or, with set_top_k, only each row's best k, taken where the model
+runs), and edits the KV cache by sequence id. Sequence 0 always holds the
 committed text; draft trees borrow ids 1..n_seq_max-1 for the duration of one verification
 (see tree.py for the encoding). It knows nothing about drafting or sampling.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,6 +22,7 @@ import numpy as np
 from racer_local import defaults
 from racer_local.errors import ContextFullError, DecodeError, ModelError
 from racer_local.gguf import check_gguf
+from racer_local.topk import TopK
 
 _init_lock = threading.Lock()
 _initialized = False
@@ -104,6 +107,9 @@ class Backend:
         cparams.n_seq_max = n_seq_max
         cparams.n_threads = cparams.n_threads_batch = self.n_threads
         cparams.kv_unified = True  # tree attention: every path id sees the shared prefix cells
+        # With top-k on the backend a tree's rows all fall in a few sequences (a chain's in one),
+        # and llama.cpp's default lets a sampled sequence have one output per batch.
+        cparams.n_outputs_max_per_seq = n_batch
         cparams.no_perf = True
         self._ctx = ll.llama_init_from_model(self._model, cparams)
         if not self._ctx:
@@ -121,6 +127,9 @@ class Backend:
             np.ctypeslib.as_array(self._batch.seq_id[i], shape=(n_seq_max,)) for i in range(n_batch)
         ]
         self._pieces: dict[int, bytes] = {}
+        self.top_k = 0  # 0: decode returns full logits rows; else TopK rows of this many
+        self._chains: list = []  # the top-k sampler chains attached, one per sequence id
+        self.call_s = self.read_s = 0.0  # the last decode's llama_decode call and its rows' read
 
     # ----- lifetime -------------------------------------------------------------------------
 
@@ -132,6 +141,9 @@ class Backend:
         if self._ctx:
             ll.llama_free(self._ctx)
             self._ctx = None
+        for chain in self._chains:  # the context only borrowed them
+            ll.llama_sampler_free(chain)
+        self._chains = []
         if self._model:
             ll.llama_model_free(self._model)
             self._model = None
@@ -222,7 +234,8 @@ class Backend:
         """Decode one batch; return the logits of its last `n_logits` tokens (default all).
 
         The result is a float32 view of llama.cpp's own buffer, shape (n_logits, n_vocab),
-        valid until the next decode: copy what must outlive it. seq_ids default to sequence 0.
+        valid until the next decode: copy what must outlive it (with set_top_k: a TopK of its
+        own). seq_ids default to sequence 0.
         """
         n = len(tokens)
         if not 0 < n <= self.n_batch:
@@ -241,13 +254,63 @@ class Backend:
                 self._n_seq[i] = len(ids)
                 self._seq[i][: len(ids)] = ids
         self._batch.n_tokens = n
+        t0 = time.perf_counter()
         rc = ll.llama_decode(self._ctx, self._batch)
+        t1 = time.perf_counter()
         if rc != 0:
             self._raise_decode_error(rc, n)
         if n_logits == 0:
-            return np.empty((0, self.n_vocab), dtype=np.float32)
-        ptr = ll.llama_get_logits(self._ctx)
-        return np.ctypeslib.as_array(ptr, shape=(n_logits, self.n_vocab))
+            rows = self._no_rows()
+        elif self.top_k:
+            rows = self._read_top_k(n - n_logits, n)
+        else:
+            rows = np.ctypeslib.as_array(ll.llama_get_logits(self._ctx), shape=(n_logits, self.n_vocab))
+        self.call_s, self.read_s = t1 - t0, time.perf_counter() - t1
+        return rows
+
+    def set_top_k(self, k: int) -> None:
+        """From the next decode on, return each row's best k tokens (TopK), taken inside the
+        compute graph, instead of full rows; 0 returns to full rows.
+
+        Every sequence id gets its own top-k sampler chain, since llama.cpp picks a row's chain
+        by its token's first id and a chain serves one id. Switching costs a graph reservation
+        at the next decode, so keep one mode while it serves.
+        """
+        if k == self.top_k:
+            return
+        if not 0 <= k <= self.n_vocab:
+            raise ValueError(f"top_k must be in 0..{self.n_vocab}, got {k}")
+        for seq in range(self.n_seq_max if self._chains else 0):
+            ll.llama_set_sampler(self._ctx, seq, None)
+        for chain in self._chains:
+            ll.llama_sampler_free(chain)
+        self._chains, self.top_k = [], 0
+        for seq in range(self.n_seq_max if k else 0):
+            chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
+            # Twice: alone, top-k hands back its own output as the candidates, a tensor the graph
+            # allocator frees once the logits are gathered from it, so another row's ops could
+            # overwrite it before the copy out (seen here: 1 row in 5,000 with another row's ids
+            # and its own logits). The second pass over k values makes the ids a fresh tensor.
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_k(k))
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_k(k))
+            self._chains.append(chain)
+            if not ll.llama_set_sampler(self._ctx, seq, chain):
+                self.top_k = k  # so that the call below detaches what was attached
+                self.set_top_k(0)
+                raise ModelError("llama.cpp cannot take top-k on this model's backend; use full rows")
+        self.top_k = k
+
+    def _read_top_k(self, first: int, end: int) -> TopK:
+        k = self.top_k
+        ids = np.empty((end - first, k), dtype=np.int32)
+        logits = np.empty((end - first, k), dtype=np.float32)
+        for row, i in enumerate(range(first, end)):
+            got = ll.llama_get_sampled_candidates_count_ith(self._ctx, i)
+            if got != k:
+                raise DecodeError(f"llama.cpp returned {got} top-k candidates for batch row {i}, not {k}")
+            ctypes.memmove(ids[row].ctypes.data, ll.llama_get_sampled_candidates_ith(self._ctx, i), 4 * k)
+            ctypes.memmove(logits[row].ctypes.data, ll.llama_get_sampled_logits_ith(self._ctx, i), 4 * k)
+        return TopK.sorted(ids, logits)
 
     def _raise_decode_error(self, rc: int, n: int) -> None:
         if rc == 1:
@@ -275,7 +338,7 @@ class Backend:
                 "shorten the prompt or raise n_ctx"
             )
         n_logits = min(n_logits, len(tokens))
-        rows = np.empty((0, self.n_vocab), dtype=np.float32)
+        parts = []
         for lo in range(0, len(tokens), self.n_batch):
             if interrupt is not None and interrupt.is_set():
                 raise DecodeError("generation was cancelled", cancelled=True)
@@ -284,8 +347,16 @@ class Backend:
             positions = range(start + lo, start + lo + len(chunk))
             out = self.decode(chunk, positions, n_logits=min(tail, len(chunk)))
             if len(out):
-                rows = np.concatenate([rows, out]) if len(rows) else out.copy()
-        return rows[-n_logits:] if n_logits else rows
+                parts.append(out.copy())  # a full row is a view of llama.cpp's buffer
+        if not parts:
+            return self._no_rows()
+        rows = TopK.concat(parts) if self.top_k else np.concatenate(parts)
+        return rows[-n_logits:]
+
+    def _no_rows(self):
+        if self.top_k:
+            return TopK(np.empty((0, self.top_k), np.int32), np.empty((0, self.top_k), np.float32))
+        return np.empty((0, self.n_vocab), dtype=np.float32)
 
     # ----- KV cache -------------------------------------------------------------------------
 

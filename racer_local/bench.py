@@ -25,18 +25,19 @@ from pathlib import Path
 import numpy as np
 
 from racer_local import bench_methods as methods_
-from racer_local import bench_report
+from racer_local import bench_report, topk
 from racer_local import bench_suites as suites
 from racer_local.bench_methods import BASELINE, LLAMA_CPP, Turn, peer_cpu_seconds
 from racer_local.bench_report import BUSY
 from racer_local.drafters import DRAFTERS
+from racer_local.sampling import Sampler
 from racer_local.stats import Stats
 
 # Where a speculative output first differs from `ar`, a plain-decoding top-2 margin below this
 # (logits) is a near-tie that batched kernels may flip: the bound tests/test_lossless.py measured.
 NEAR_TIE = 1.0
 SUMS = ("generated_tokens", "prefill_s", "decode_s", "steps", "drafted", "accepted", "draft_s",
-        "verify_s", "walk_s")
+        "build_s", "verify_s", "read_s", "walk_s")
 
 
 @dataclass
@@ -156,8 +157,7 @@ def _margin(engine, context: list[int]) -> float:
         row = engine.backend.prefill(context, 0, n_logits=1)[-1]
     finally:
         engine.reset()
-    top2 = np.partition(row, -2)[-2:]
-    return float(top2[1] - top2[0])
+    return topk.margin(row)
 
 
 # ----- metrics ------------------------------------------------------------------------------
@@ -232,7 +232,8 @@ def environment(engine) -> dict:
             "llama_cpp_python": llama_cpp.__version__, "numpy": np.__version__,
             "python": platform.python_version(), "platform": platform.platform(), "cpu": cpu,
             "cpu_count": os.cpu_count(), "threads": b.n_threads, "n_ctx": b.n_ctx,
-            "n_gpu_layers": b.n_gpu_layers, "rpc": list(b.rpc)}
+            "n_gpu_layers": b.n_gpu_layers, "rpc": list(b.rpc), "candidates": engine.candidates,
+            "top_k_on_backend": b.top_k}
 
 
 def cost_curve(engine) -> dict:
@@ -312,7 +313,8 @@ def _runners(engine, pairs, sampling: dict, binary, build_error: str | None) -> 
 
 def run(*, model, threads, n_ctx, n_gpu_layers, suite: str, data_dir, methods: list[str],
         limit: int | None, max_tokens: int, sampling: dict, out: Path, command: str,
-        llama_server=None, rpc=(), same_text: bool = False, echo=print) -> dict:
+        llama_server=None, rpc=(), candidates: str = "auto", same_text: bool = False,
+        echo=print) -> dict:
     """Load the model, run every method on the suite's prompts, write the three files; the data.
 
     llama.cpp's methods need a llama-server: `llama_server` if given, else the cached build for
@@ -343,7 +345,9 @@ def run(*, model, threads, n_ctx, n_gpu_layers, suite: str, data_dir, methods: l
         except PeerBuildError as e:
             peer = {"llama_server": None, "error": str(e)}
             echo(f"llama.cpp peers will be reported as failed: {e}")
-    with Engine(model, n_ctx=n_ctx, threads=threads, n_gpu_layers=n_gpu_layers, rpc=rpc or ()) as engine:
+    with Engine(model, n_ctx=n_ctx, threads=threads, n_gpu_layers=n_gpu_layers, rpc=rpc or (),
+                candidates=candidates) as engine:
+        engine.backend.set_top_k(engine.top_k(Sampler(**sampling).needs_full_rows))  # the runs' rows
         curve = cost_curve(engine)  # measured now if not cached, never during the runs
         runners = _runners(engine, pairs, sampling, binary, peer.get("error"))
         try:

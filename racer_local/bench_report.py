@@ -47,10 +47,19 @@ def _header(data: dict) -> list[str]:
         f"{env['architecture']}), llama-cpp-python {env['llama_cpp_python']}, {env['threads']} "
         f"threads, n_ctx {env['n_ctx']}, {env['cpu']} ({env['cpu_count']} cores). Suite "
         f"{s['suite']}: {s['prompts']} prompts, up to {s['max_tokens']} tokens per turn, "
-        f"temperature {s['temperature']}. Every prompt is prefilled cold; methods interleaved "
+        f"temperature {s['temperature']}. {_rows(env)} Every prompt is prefilled cold; methods interleaved "
         f"prompt by prompt after one warm-up each. Speedup is decode tokens/s over `{BASELINE}` "
         "on the same prompts; e2e includes the prefill.", "",
     ]
+
+
+def _rows(env: dict) -> str:
+    """Which rows racer-local's methods read (--candidates)."""
+    if "top_k_on_backend" not in env:  # an older run
+        return ""
+    where = f"each node's top {env['top_k_on_backend']} from llama.cpp's graph" if env["top_k_on_backend"] \
+        else "full logits rows on the host"
+    return f"racer-local read {where} (--candidates {env['candidates']})."
 
 
 def _method_table(data: dict) -> list[str]:
@@ -92,14 +101,15 @@ def _host_table(summary: dict) -> list[str]:
             if by["overall"].get("host_share") is not None}  # None: opaque; absent: an older run
     if not ours:
         return []
-    lines = ["", "Per step (ms): drafting, llama_decode (batch building included), reading rows and "
-             "choosing tokens, the rest (KV commit, loop); host share is all but llama_decode:", "",
-             "| method | steps | draft | llama_decode | rows | rest | host share |",
-             "|---|--:|--:|--:|--:|--:|--:|"]
+    lines = ["", "Per step (ms): drafting (the copy-logit table's top-k included), building the batch, "
+             "the llama_decode call, fetching rows, choosing tokens along the tree (full rows' argmax "
+             "included), the rest (KV commit, loop); host share is all but llama_decode:", "",
+             "| method | steps | draft | build | llama_decode | read | walk | rest | host share |",
+             "|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for label, m in ours.items():
         n = max(1, m["steps"])
-        rest = m["decode_s"] - m["draft_s"] - m["verify_s"] - m["walk_s"]
-        cells = [1e3 * m["draft_s"] / n, 1e3 * m["verify_s"] / n, 1e3 * m["walk_s"] / n, 1e3 * rest / n]
+        parts = [m.get(part, 0.0) for part in ("draft_s", "build_s", "verify_s", "read_s", "walk_s")]
+        cells = [1e3 * p / n for p in (*parts, m["decode_s"] - sum(parts))]
         lines.append(f"| {label} | {m['steps']} | " + " | ".join(f"{c:.2f}" for c in cells)
                      + f" | {m['host_share']:.1%} |")
     return lines

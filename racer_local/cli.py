@@ -16,6 +16,7 @@ from racer_local.errors import RacerError
 from racer_local.rpc import DEFAULT_PORT as RPC_PORT
 from racer_local.sampling import Sampler
 from racer_local.stats import Stats
+from racer_local.topk import WHERE
 
 SAMPLING = {f.name: f.default for f in fields(Sampler) if f.init}  # the library's defaults
 LOOPBACK = ("127.0.0.1", "localhost", "::1")  # addresses only this machine can reach
@@ -51,6 +52,12 @@ def model_options(fn):
             click.option("--rpc", envvar="RACER_LOCAL_RPC", metavar="HOST:PORT[,...]",
                          help="Place the model's layers on these `racer-local rpc-worker`s (env "
                               "RACER_LOCAL_RPC); the output layer stays here."),
+            click.option("--candidates", type=click.Choice(WHERE), default=defaults.CANDIDATES,
+                         show_default=True,
+                         help="Where greedy verification takes each node's top-k: inside llama.cpp's "
+                              "graph (backend: only k tokens a node reach the host), from full logits "
+                              "rows (host), or whichever measured faster here (auto). Sampling reads "
+                              "full rows."),
         ]
     ):
         fn = option(fn)
@@ -83,10 +90,11 @@ def sampling_options(fn):
     return fn
 
 
-def _engine(model, threads, n_ctx, n_gpu_layers, rpc):
+def _engine(model, threads, n_ctx, n_gpu_layers, rpc, candidates):
     from racer_local.engine import Engine  # imports llama.cpp: keep `--help` fast
 
-    return Engine(model, n_ctx=n_ctx, threads=threads, n_gpu_layers=n_gpu_layers, rpc=rpc or ())
+    return Engine(model, n_ctx=n_ctx, threads=threads, n_gpu_layers=n_gpu_layers, rpc=rpc or (),
+                  candidates=candidates)
 
 
 @click.group()
@@ -107,8 +115,8 @@ def main():
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming.")
 @click.option("--compare", is_flag=True, help="Also run `ar` on the prompt and report the speedup.")
 @_friendly_errors
-def generate(prompt, model, threads, n_ctx, n_gpu_layers, rpc, max_tokens, method, stop, as_json, compare,
-             **sampling):
+def generate(prompt, model, threads, n_ctx, n_gpu_layers, rpc, candidates, max_tokens, method, stop, as_json,
+             compare, **sampling):
     """Generate a continuation of PROMPT ('-' reads it from stdin)."""
     if max_tokens < 1:
         raise click.ClickException(f"--max-tokens must be at least 1, got {max_tokens}")
@@ -117,7 +125,7 @@ def generate(prompt, model, threads, n_ctx, n_gpu_layers, rpc, max_tokens, metho
     if not prompt.strip():
         raise click.ClickException("the prompt is empty: give some text to continue")
     options = dict(max_tokens=max_tokens, stop=stop, **sampling)
-    with _engine(model, threads, n_ctx, n_gpu_layers, rpc) as engine:
+    with _engine(model, threads, n_ctx, n_gpu_layers, rpc, candidates) as engine:
         baseline = None
         if compare:
             engine.generate(prompt, max_tokens=8, method="ar")  # warm-up: page in the weights
@@ -167,8 +175,8 @@ def _speedup(stats: Stats, base: Stats) -> float:
               help="Refuse a message that overflows the context instead of dropping the oldest turns.")
 @click.option("--stats", "show_stats", is_flag=True, help="Print stats after every reply.")
 @_friendly_errors
-def chat(model, threads, n_ctx, n_gpu_layers, rpc, system, max_tokens, method, chat_format, no_truncate,
-         show_stats, **sampling):
+def chat(model, threads, n_ctx, n_gpu_layers, rpc, candidates, system, max_tokens, method, chat_format,
+         no_truncate, show_stats, **sampling):
     """Chat with a model in the terminal, replies streamed (/help lists the commands)."""
     from racer_local.chat import ChatSession, banner
 
@@ -176,7 +184,7 @@ def chat(model, threads, n_ctx, n_gpu_layers, rpc, system, max_tokens, method, c
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    with _engine(model or _chat_model(), threads, n_ctx, n_gpu_layers, rpc) as engine:
+    with _engine(model or _chat_model(), threads, n_ctx, n_gpu_layers, rpc, candidates) as engine:
         engine.chat_format = chat_format
         click.echo(banner(engine, method))
         session = ChatSession(engine, system=system, show_stats=show_stats,
@@ -205,7 +213,7 @@ def _chat_model() -> str:
 @click.option("--max-queue", type=click.IntRange(min=1),
               help="Requests running or waiting before new ones are answered 503 (default: 16).")
 @_friendly_errors
-def serve(model, threads, n_ctx, n_gpu_layers, rpc, host, port, api_key, method, max_queue):
+def serve(model, threads, n_ctx, n_gpu_layers, rpc, candidates, host, port, api_key, method, max_queue):
     """An OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models) with a
     web chat at /."""
     from racer_local.server import serve as run_server
@@ -213,7 +221,7 @@ def serve(model, threads, n_ctx, n_gpu_layers, rpc, host, port, api_key, method,
     if host not in LOOPBACK and not api_key:
         click.echo(f"warning: serving on {host} without --api-key: anyone who can reach this machine "
                    "can use the model", err=True)
-    with _engine(model or _chat_model(), threads, n_ctx, n_gpu_layers, rpc) as engine:
+    with _engine(model or _chat_model(), threads, n_ctx, n_gpu_layers, rpc, candidates) as engine:
         engine.default_method = method
         click.echo(f"racer-local: http://{host}:{port}/ (web chat), OpenAI API at http://{host}:{port}/v1",
                    err=True)
@@ -304,8 +312,8 @@ def _command_line(params: dict) -> str:
 @click.option("-o", "--out", type=click.Path(file_okay=False), default="bench-out", show_default=True,
               help="Directory for results.json, report.md and speedup.png.")
 @_friendly_errors
-def bench(model, threads, n_ctx, n_gpu_layers, rpc, suite, data, methods, llama_server, limit, max_tokens,
-          same_text, out, **sampling):
+def bench(model, threads, n_ctx, n_gpu_layers, rpc, candidates, suite, data, methods, llama_server, limit,
+          max_tokens, same_text, out, **sampling):
     """Measure each method's decode speedup over plain decoding on public prompt sets."""
     from racer_local import bench as bench_lib
     from racer_local.bench_report import report
@@ -313,7 +321,8 @@ def bench(model, threads, n_ctx, n_gpu_layers, rpc, suite, data, methods, llama_
 
     command = _command_line(click.get_current_context().params)
     result = bench_lib.run(model=model, threads=threads, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, rpc=rpc,
-                           suite=suite, data_dir=find_data_dir(data), methods=_parse_methods(methods),
+                           candidates=candidates, suite=suite, data_dir=find_data_dir(data),
+                           methods=_parse_methods(methods),
                            limit=limit, max_tokens=max_tokens, sampling=sampling, out=out,
                            command=command, llama_server=llama_server, same_text=same_text,
                            echo=lambda line: click.echo(line, err=True))

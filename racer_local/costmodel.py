@@ -18,6 +18,7 @@ import platform
 import time
 import weakref
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,21 +60,33 @@ def measure(backend: Backend, sizes=SIZES, repeats: int = 5, prefix: int = 64) -
     The minimum over repeats, not the median: other work on the machine only ever adds time,
     and a curve distorted by a busy moment would be cached.
     """
-    seq = backend.n_seq_max - 1
     sizes = tuple(n for n in sizes if n <= min(backend.n_batch, backend.n_ctx - prefix))
-    token = backend.bos
-    try:
-        backend.decode([token] * prefix, range(prefix), [(seq,)] * prefix, n_logits=1)
-        timings: dict[int, list[float]] = {n: [] for n in sizes}
+    timings: dict[int, list[float]] = {n: [] for n in sizes}
+    with _scratch(backend, prefix) as decode:
         for _ in range(repeats):
             for n in sizes:  # interleaved, so machine noise hits every size alike
                 t = time.perf_counter()
-                backend.decode([token] * n, range(prefix, prefix + n), [(seq,)] * n)
+                decode(n)
                 timings[n].append(time.perf_counter() - t)
-                backend.seq_rm(seq, prefix, -1)
+    return CostCurve(sizes, tuple(min(timings[n]) for n in sizes))
+
+
+@contextmanager
+def _scratch(backend: Backend, prefix: int = 64):
+    """decode(n): n tokens with their rows after a `prefix`-token context on the last sequence
+    id, then rolled back; the committed text (sequence 0) is never touched."""
+    seq, token = backend.n_seq_max - 1, backend.bos
+
+    def decode(n: int):
+        rows = backend.decode([token] * n, range(prefix, prefix + n), [(seq,)] * n)
+        backend.seq_rm(seq, prefix, -1)
+        return rows
+
+    try:
+        backend.decode([token] * prefix, range(prefix), [(seq,)] * prefix, n_logits=1)
+        yield decode
     finally:
         backend.seq_rm(seq)
-    return CostCurve(sizes, tuple(min(timings[n]) for n in sizes))
 
 
 _memo: dict[str, CostCurve] = {}
@@ -86,13 +99,7 @@ def cached(backend: Backend) -> CostCurve:
     run would size its trees by it; so a cached curve that was measured busy, or that is
     impossible (N tokens cheaper than one), is measured again when the machine is quiet.
     """
-    import llama_cpp
-
-    st = backend.model_path.stat()
-    where = [backend.n_gpu_layers, *([list(backend.rpc)] if backend.rpc else [])]  # RPC workers too
-    key = json.dumps([str(backend.model_path.resolve()), st.st_size, st.st_mtime_ns, backend.n_threads,
-                      *where, backend.n_batch, llama_cpp.__version__, platform.processor(),
-                      os.cpu_count(), SIZES])
+    key = _key(backend, SIZES, *([backend.top_k] if backend.top_k else []))  # rows as read
     if key in _memo:
         return _memo[key]
     path = cache_dir() / "costs" / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".json")
@@ -109,6 +116,69 @@ def cached(backend: Backend) -> CostCurve:
         path.write_text(json.dumps({"key": key, "busy": busy or _busy(), **curve.to_dict()}))
     _memo[key] = curve
     return curve
+
+
+def _key(backend: Backend, *what) -> str:
+    """What a measurement here depends on: model file, threads, offload, batch, llama.cpp, CPU."""
+    import llama_cpp
+
+    st = backend.model_path.stat()
+    where = [backend.n_gpu_layers, *([list(backend.rpc)] if backend.rpc else [])]  # RPC workers too
+    return json.dumps([str(backend.model_path.resolve()), st.st_size, st.st_mtime_ns, backend.n_threads,
+                       *where, backend.n_batch, llama_cpp.__version__, platform.processor(),
+                       os.cpu_count(), *what])
+
+
+_top_k_memo: dict[str, bool] = {}
+
+
+# The backend's top-k must beat full rows by this much to be chosen. On a CPU the two are close
+# (gemma-3-270m here, 2 threads: within 1% summed over 1 and 8 rows, either way between runs, yet
+# 13% slower for `ar`'s one row in a bench); on a GPU full rows cross the bus (1 MiB a row for a
+# 262k vocabulary) and the backend should win by far more.
+TOP_K_MARGIN = 0.9
+
+
+def top_k_pays(backend: Backend, k: int) -> bool:
+    """Whether verification here is clearly faster with each row's top k taken inside
+    llama.cpp's graph (Backend.set_top_k) than with full rows read on the host, top k included:
+    measured once per model, threads and offload, kept on disk."""
+    key = _key(backend, "top-k", k)
+    if key not in _top_k_memo:
+        path = cache_dir() / "costs" / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".json")
+        try:
+            _top_k_memo[key] = bool(json.loads(path.read_text())["backend"])
+        except (OSError, ValueError, KeyError):
+            host, graph = _time_rows(backend, k)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pays = graph < TOP_K_MARGIN * host
+            path.write_text(json.dumps({"key": key, "host_s": host, "backend_s": graph, "backend": pays}))
+            _top_k_memo[key] = pays
+    return _top_k_memo[key]
+
+
+def _time_rows(backend: Backend, k: int, sizes=(1, 16), repeats: int = 3) -> tuple[float, float]:
+    """Seconds to verify and read the top k of one batch of each size, summed: (host, backend).
+    Modes alternate twice, each time the minimum of its repeats is kept (noise only adds)."""
+    from racer_local import topk
+
+    was, best = backend.top_k, {0: np.inf, k: np.inf}
+    try:
+        for mode in (0, k, 0, k):
+            backend.set_top_k(mode)
+            t = 0.0
+            with _scratch(backend) as decode:
+                for n in sizes:
+                    runs = []
+                    for _ in range(repeats):
+                        start = time.perf_counter()
+                        topk.top(decode(n), k)
+                        runs.append(time.perf_counter() - start)
+                    t += min(runs)
+            best[mode] = min(best[mode], t)
+    finally:
+        backend.set_top_k(was)
+    return best[0], best[k]
 
 
 def plausible(curve: CostCurve) -> bool:
@@ -189,8 +259,9 @@ _live: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def live(backend: Backend, method: str) -> LiveCost:
     """The backend's curve as `method` sees it (its per-row bookkeeping included), refined by
-    every generation of that method on the backend."""
+    every generation of that method on the backend, in its present row mode (full or top-k)."""
     by_method = _live.setdefault(backend, {})
-    if method not in by_method:
-        by_method[method] = LiveCost(cached(backend))
-    return by_method[method]
+    key = (method, backend.top_k)
+    if key not in by_method:
+        by_method[key] = LiveCost(cached(backend))
+    return by_method[key]

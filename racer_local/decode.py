@@ -29,9 +29,11 @@ class Step:
     drafted: int  # draft nodes verified besides the root
     eog: bool  # the last token ends the generation
     # Where the step's time went; the rest is the KV commit and the loop itself.
-    draft_s: float = 0.0  # the drafter proposing and observing
-    verify_s: float = 0.0  # building the batch and llama_decode (path ids shared with the prefix)
-    walk_s: float = 0.0  # reading the logits rows and choosing tokens along the tree
+    draft_s: float = 0.0  # the drafter proposing and observing (the copy-logit table's top-k too)
+    build_s: float = 0.0  # sharing the prefix with the path ids and filling the batch
+    verify_s: float = 0.0  # the llama_decode call
+    read_s: float = 0.0  # fetching the rows: each node's top-k from the backend, or a view
+    walk_s: float = 0.0  # choosing tokens along the tree (the argmax of full rows included)
 
 
 def start(drafter: Drafter, choose: Callable[[np.ndarray], int], context, rows: np.ndarray) -> int:
@@ -79,8 +81,9 @@ def speculate(
             drafter.observe(tree, rows, path)
             n_past += len(path)
             produced += len(path)
+            call, read = backend.call_s, backend.read_s
             yield Step(tokens, len(tree) - 1, eog is not None, draft_s=t1 - t0 + clock() - t4,
-                       verify_s=t2 - t1, walk_s=t3 - t2)
+                       build_s=t2 - t1 - call - read, verify_s=call, read_s=read, walk_s=t3 - t2)
             if eog is not None:
                 return
     finally:

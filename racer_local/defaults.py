@@ -5,3 +5,6 @@ N_CTX = 4096  # tokens of context: Spec-Bench's longest dev prompts plus a reply
 METHOD = "racer"  # the product; "ar" is plain decoding through the same loop
 MAX_TOKENS = 256  # generate and bench: about a screen of text
 CHAT_MAX_TOKENS = 512  # chat replies: long answers without running on for ever
+# Where greedy verification takes each node's top-k: "backend" inside llama.cpp's graph, "host"
+# from full rows; "auto" measures which is faster for the model on this machine (costmodel).
+CANDIDATES = "auto"

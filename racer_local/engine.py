@@ -29,11 +29,12 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-from racer_local import defaults, templates
+from racer_local import costmodel, defaults, templates, topk
 from racer_local.backend import Backend
 from racer_local.decode import speculate, start
 from racer_local.drafters import make_drafter
 from racer_local.drafters.base import Drafter
+from racer_local.drafters.racer import RacerConfig
 from racer_local.errors import ContextFullError, DecodeError, RacerError
 from racer_local.models import resolve_model
 from racer_local.sampling import Replay, Sampler
@@ -113,11 +114,16 @@ class Engine:
         n_gpu_layers: int = 0,
         threads: int | None = None,
         rpc: str | Sequence[str] = (),
+        candidates: str = defaults.CANDIDATES,
     ) -> None:
         """Load `model`: a .gguf path, a name from models.toml, or None for the embedded model.
         n_gpu_layers offloads layers to a GPU build of llama.cpp (-1: all); 0 is CPU only.
         rpc: "HOST:PORT" of `racer-local rpc-worker`s (a list, or comma-separated) that take the
-        model's layers, the output layer staying here (see rpc.py)."""
+        model's layers, the output layer staying here (see rpc.py).
+        candidates: where greedy verification takes each node's top-k, "backend" (inside
+        llama.cpp's graph: only k tokens a node reach the host), "host" (from full logits rows)
+        or "auto" (whichever measured faster here; sampling always reads full rows)."""
+        self.candidates = candidates  # checked before the model loads
         self.model_path = resolve_model(model)
         self.backend = Backend(self.model_path, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=n_gpu_layers,
                                rpc=rpc)
@@ -130,6 +136,26 @@ class Engine:
 
     def close(self) -> None:
         self.backend.close()
+
+    @property
+    def candidates(self) -> str:
+        return self._candidates
+
+    @candidates.setter
+    def candidates(self, where: str) -> None:
+        if where not in topk.WHERE:
+            raise ValueError(f"candidates must be one of {', '.join(topk.WHERE)}, got {where!r}")
+        self._candidates = where
+
+    def top_k(self, needs_full_rows: bool) -> int:
+        """The rows a generation reads (0: full rows, to sample or penalise), else each node's
+        top k where that is faster: the copy-logit table's k, so one mode serves every method."""
+        k = RacerConfig.top_k
+        if needs_full_rows or self.candidates == "host":
+            return 0
+        if self.candidates == "auto" and not costmodel.top_k_pays(self.backend, k):
+            return 0
+        return k
 
     def __enter__(self) -> Engine:
         return self
@@ -303,6 +329,7 @@ class Engine:
 
     def _steps(self, tokens, make, choose, text, max_tokens, cancelled, stop_tokens) -> Iterator[Chunk]:
         with self._exclusive(), self._finally_forget(cancelled):
+            self.backend.set_top_k(self.top_k(choose.needs_full_rows))  # before the drafter's cost curve
             drafter = make()
             stats = Stats(prompt_tokens=len(tokens))
             t0 = time.perf_counter()

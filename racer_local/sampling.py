@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from racer_local.topk import TopK, best
+
 _HEAD = (256, 4096)  # top-p looks for its cut among the best few first, the whole row if need be
 
 
@@ -57,9 +59,19 @@ class Sampler:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def __call__(self, row: np.ndarray) -> int:
+    @property
+    def needs_full_rows(self) -> bool:
+        """A draw needs the whole distribution and a penalty can move the argmax; plain greedy
+        needs only the best token (a TopK row will do)."""
+        return not self.greedy or self.repeat_penalty != 1
+
+    def __call__(self, row: np.ndarray | TopK) -> int:
         """Choose the next token from `row` and take it as committed."""
-        if self.greedy:
+        if isinstance(row, TopK):
+            if self.needs_full_rows:
+                raise ValueError("sampling and the repeat penalty need full logits rows, not top-k rows")
+            token = best(row)
+        elif self.greedy:
             token = int(self._penalized(row).argmax())
         else:
             ids, weights = self._weights(row)
@@ -151,10 +163,11 @@ class Replay:
     """
 
     greedy = True
+    needs_full_rows = False
 
     def __init__(self, tokens: Sequence[int]) -> None:
         self.tokens, self.at = [int(t) for t in tokens], 0
 
-    def __call__(self, row: np.ndarray) -> int:
+    def __call__(self, row: np.ndarray | TopK) -> int:
         self.at += 1
-        return self.tokens[self.at - 1] if self.at <= len(self.tokens) else int(row.argmax())
+        return self.tokens[self.at - 1] if self.at <= len(self.tokens) else best(row)

@@ -15,9 +15,12 @@ class Stats:
     steps: int = 0  # verification forward passes after the prefill
     drafted: int = 0  # draft tokens sent for verification (roots excluded)
     accepted: int = 0  # draft tokens the target agreed with
-    draft_s: float = 0.0  # part of decode_s spent drafting and updating the drafter
-    verify_s: float = 0.0  # part of decode_s in llama_decode (batch building included)
-    walk_s: float = 0.0  # part of decode_s reading logits rows and choosing tokens
+    # Parts of decode_s (see decode.Step); the rest is the KV commit and the loop.
+    draft_s: float = 0.0  # drafting and updating the drafter
+    build_s: float = 0.0  # sharing the prefix with the path ids and filling the batch
+    verify_s: float = 0.0  # the llama_decode calls
+    read_s: float = 0.0  # fetching the rows (top-k from the backend, or full rows)
+    walk_s: float = 0.0  # choosing tokens along the trees
 
     def add(self, step) -> None:
         """Count one forward pass's decode.Step (its root plus the drafts it accepted)."""
@@ -25,14 +28,14 @@ class Stats:
         self.generated_tokens += len(step.tokens)
         self.drafted += step.drafted
         self.accepted += len(step.tokens) - 1
-        self.draft_s += step.draft_s
-        self.verify_s += step.verify_s
-        self.walk_s += step.walk_s
+        for part in ("draft_s", "build_s", "verify_s", "read_s", "walk_s"):
+            setattr(self, part, getattr(self, part) + getattr(step, part))
 
     @property
     def host_share(self) -> float | None:
-        """The part of decoding spent outside llama_decode: drafting, reading rows, bookkeeping
-        (None where not measured: llama-server's timings). On a GPU this must stay small."""
+        """The part of decoding spent outside llama_decode: drafting, building batches, reading
+        rows, bookkeeping (None where not measured: llama-server's timings). On a GPU this must
+        stay small."""
         return 1.0 - self.verify_s / self.decode_s if self.verify_s > 0 else None
 
     @property

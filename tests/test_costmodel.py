@@ -36,7 +36,7 @@ def fake_backend(tmp_path, monkeypatch):
         return CostCurve((1, 2), (0.01, 0.02))
 
     monkeypatch.setattr(costmodel, "measure", measure)
-    backend = SimpleNamespace(model_path=model, n_threads=2, n_gpu_layers=0, rpc=(), n_batch=512)
+    backend = SimpleNamespace(model_path=model, n_threads=2, n_gpu_layers=0, rpc=(), n_batch=512, top_k=0)
     return backend, measured
 
 

@@ -77,6 +77,8 @@ class FakeBackend:
     fail_at: int | None = None  # decode call (1-based) that raises DecodeError after writing cells
     cells: list[Cell] = field(default_factory=list)
     calls: int = 0
+    call_s: float = 0.0  # the last decode's time, as the real backend reports its llama_decode call
+    read_s: float = 0.0
 
     def is_eog(self, token: int) -> bool:
         return token == EOG
@@ -99,6 +101,7 @@ class FakeBackend:
         self.cells = [c for c in self.cells if c.seqs]
 
     def decode(self, tokens, positions, seq_ids=None) -> np.ndarray:
+        start = time.perf_counter()
         self.calls += 1
         tokens, positions = list(tokens), list(positions)
         seq_ids = [(0,)] * len(tokens) if seq_ids is None else [tuple(ids) for ids in seq_ids]
@@ -127,6 +130,7 @@ class FakeBackend:
             assert [p for p, _ in seen] == list(range(cell.pos + 1)), f"token {i} sees {seen}"
             assert seen[-1][1] == cell.token
             rows[i, self.model([t for _, t in seen])] = 1.0
+        self.call_s = time.perf_counter() - start
         return rows
 
     def committed(self) -> list[int]:
@@ -230,16 +234,19 @@ def test_plain_decoding_commits_one_token_per_step():
 
 
 def test_a_step_says_where_its_time_went():
-    """The host breakdown: drafting, llama_decode and the walk are timed apart, never more than
-    the step took, and Stats adds them up (host share is what is not llama_decode)."""
+    """The host breakdown: drafting, batch building, llama_decode, reading rows and the walk are
+    timed apart, never more than the step took, and Stats adds them up (host share is what is
+    not llama_decode)."""
     fake, drafter = FakeBackend(), PromptLookup()
     root, n_past = start(fake, drafter)
     stats, t = Stats(), time.perf_counter()
     for step in speculate(fake, drafter, argmax, root, n_past, 40):
-        assert step.draft_s >= 0 and step.verify_s > 0 and step.walk_s > 0
+        assert step.draft_s >= 0 and step.build_s > 0 and step.verify_s > 0 and step.walk_s > 0
+        assert step.read_s == 0  # the fake's rows need no fetching
         stats.add(step)
     stats.decode_s = time.perf_counter() - t
-    assert stats.steps > 0 and stats.draft_s + stats.verify_s + stats.walk_s <= stats.decode_s
+    parts = stats.draft_s + stats.build_s + stats.verify_s + stats.read_s + stats.walk_s
+    assert stats.steps > 0 and stats.build_s > 0 and parts <= stats.decode_s
     assert 0 < stats.host_share < 1
     assert Stats(decode_s=1.0).host_share is None  # not measured (a peer's own timings)
 

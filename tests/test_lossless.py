@@ -17,10 +17,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import racer_local.decode as decode
+from racer_local import topk
 
 NEAR_TIE = 1.0
 METHODS = ["pld", "racer", "racer-retrieval", "racer-logits", "racer-copy"]
@@ -49,11 +49,6 @@ def _prompts() -> list[str]:
     return prompts
 
 
-def _margin(row: np.ndarray) -> float:
-    top2 = np.partition(row, -2)[-2:]
-    return float(top2[1] - top2[0])
-
-
 def _record(engine, monkeypatch, prompt, method, max_tokens=48):
     """Generate greedily while recording each verifying row's argmax and top-2 margin."""
     first: list[tuple[int, float]] = []
@@ -62,12 +57,14 @@ def _record(engine, monkeypatch, prompt, method, max_tokens=48):
 
     def prefill(*args, **kwargs):
         rows = real_prefill(*args, **kwargs)
-        first.append((int(rows[-1].argmax()), _margin(rows[-1])))
+        first.append((topk.best(rows[-1]), topk.margin(rows[-1])))
         return rows
 
     def walk(tree, rows, choose):
+        assert isinstance(rows, topk.TopK) == (engine.backend.top_k > 0)
         path, nxt = real_walk(tree, rows, choose)
-        walks.append((tree, rows.argmax(axis=1), [_margin(r) for r in rows], path, nxt))
+        nodes = [rows[i] for i in range(len(tree))]
+        walks.append((tree, [topk.best(r) for r in nodes], [topk.margin(r) for r in nodes], path, nxt))
         return path, nxt
 
     monkeypatch.setattr(engine.backend, "prefill", prefill)
@@ -99,7 +96,16 @@ def prompts():
     return _prompts()
 
 
-def test_speculative_greedy_equals_plain_greedy(engine, monkeypatch, prompts, record_property):
+@pytest.fixture(params=["host", "backend"])
+def rows_from(engine, request):
+    """The engine reading full rows on the host, then each node's top-k from llama.cpp's graph
+    (the GPU path, forced here on the CPU)."""
+    engine.candidates = request.param
+    yield request.param
+    engine.candidates = "auto"
+
+
+def test_speculative_greedy_equals_plain_greedy(engine, rows_from, monkeypatch, prompts, record_property):
     branched = 0
     for prompt in prompts:
         plain, first, walks = _record(engine, monkeypatch, prompt, "ar")
@@ -113,9 +119,23 @@ def test_speculative_greedy_equals_plain_greedy(engine, monkeypatch, prompts, re
                 assert len(tokens) == len(plain), f"{method}: stopped at a different length"
                 continue
             margin = plain_margins[diverged]
-            record_property(f"{method} divergence", f"token {diverged}, ar top-2 margin {margin:.3f}")
+            record_property(f"{method} divergence ({rows_from} rows)",
+                            f"token {diverged}, ar top-2 margin {margin:.3f}")
             assert margin < NEAR_TIE, (
                 f"{method} diverged from plain greedy at token {diverged} where plain decoding's "
                 f"top-2 margin is {margin:.3f} (> {NEAR_TIE}): not a near-tie, a real bug"
             )
     assert branched > 0, "no verified tree had branches: the tree path was not exercised"
+
+
+def test_top_k_on_the_backend_gives_the_host_paths_greedy_output(engine, prompts):
+    """Plain decoding has the same batch shapes either way, so the same logits: the tokens
+    must be identical, not just near-tie close."""
+    outputs = {}
+    for where in ("host", "backend"):
+        engine.candidates = where
+        try:
+            outputs[where] = [engine.generate(p, max_tokens=32, method="ar").tokens for p in prompts]
+        finally:
+            engine.candidates = "auto"
+    assert outputs["backend"] == outputs["host"]

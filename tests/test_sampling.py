@@ -184,6 +184,8 @@ class ToyBackend:
     n_seq_max: int = 64
     cells: list = field(default_factory=list)  # [pos, token, set of seq ids]
     trees: list = field(default_factory=list)  # every verified batch's size and leaf count
+    call_s: float = 0.0  # what the real backend reports of its last decode
+    read_s: float = 0.0
 
     def is_eog(self, token: int) -> bool:
         return False
@@ -398,8 +400,10 @@ def test_the_real_walk_is_the_one_under_test():
 
 def test_sampling_on_the_real_model(model_path, monkeypatch):
     """Same seed, same output from a freshly loaded model; every committed token inside its
-    row's top-k (tree path included). Fresh engines: a used one sizes trees from what earlier
-    requests taught it, and llama.cpp's logits differ by batch shape enough to move a draw."""
+    full row's top-k (tree path included). Fresh engines: a used one sizes trees from what
+    earlier requests taught it, and llama.cpp's logits differ by batch shape enough to move a
+    draw. The second engine takes greedy top-k on the backend: sampling there still reads full
+    rows, and a greedy request before it changes nothing."""
     from racer_local.engine import Engine
 
     prompt = "The capital of France is Paris. The capital of Italy is Rome. The capital of"
@@ -408,6 +412,8 @@ def test_sampling_on_the_real_model(model_path, monkeypatch):
     real_walk = decode.walk
 
     def checking_walk(tree, rows, choose):
+        if not choose.needs_full_rows:  # the greedy request
+            return real_walk(tree, rows, choose)
         path, bonus = real_walk(tree, rows, choose)
         chosen = [tree.tokens[i] for i in path[1:]] + [bonus]
         for node, token in zip(path, chosen):
@@ -417,8 +423,12 @@ def test_sampling_on_the_real_model(model_path, monkeypatch):
 
     monkeypatch.setattr(decode, "walk", checking_walk)
     runs = []
-    for _ in range(2):
-        with Engine(model_path, n_ctx=1024, threads=2) as engine:
+    for where in ("host", "backend"):
+        with Engine(model_path, n_ctx=1024, threads=2, candidates=where) as engine:
+            if where == "backend":
+                engine.generate("A greedy request first.", method="racer", max_tokens=8)
+                assert engine.backend.top_k > 0
+                engine.reset()
             engine.generate("Some text before: one two three, one two three.", method="racer", **options)
             runs.append(engine.generate(prompt, method="racer", **options))
     assert runs[0].tokens == runs[1].tokens

@@ -20,7 +20,7 @@ def _racer(method: str, **sources) -> Callable[..., Drafter]:
         from racer_local.drafters.racer import Racer, RacerConfig, shared_calibration
 
         return Racer(costmodel.live(backend, method), RacerConfig(**sources), keep_state=keep_state,
-                     calibration=shared_calibration(backend, method, greedy))
+                     calibration=shared_calibration(backend, method, greedy), n_vocab=backend.n_vocab)
 
     return make
 

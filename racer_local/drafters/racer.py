@@ -36,9 +36,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from racer_local import topk
 from racer_local.drafters.base import Drafter
 from racer_local.drafters.history import History
-from racer_local.ngram import NgramIndex, topk_rows
+from racer_local.ngram import NgramIndex
 from racer_local.tree import DraftTree
 
 GAP_EDGES = (1.0, 2.0, 4.0)  # logit-gap buckets: how sure the target was
@@ -76,12 +77,11 @@ class CopyLogitTable:
         self.ids = np.zeros((n_vocab, k), dtype=np.int32)
         self.gaps = np.zeros((n_vocab, k), dtype=np.float32)
 
-    def update(self, tokens: Sequence[int], rows: np.ndarray) -> None:
-        """Row i holds the target's logits after input tokens[i]; later rows win."""
+    def update(self, tokens: Sequence[int], rows) -> None:
+        """Row i holds the target's logits (full or top-k) after input tokens[i]; later rows win."""
         if not len(tokens):
             return
-        ids = topk_rows(rows, self.ids.shape[1])
-        top = np.take_along_axis(rows, ids, axis=1)
+        ids, top = topk.top(rows, self.ids.shape[1])
         # Gap of candidate j: top[0] - top[j]; for the best one, its margin over the second.
         gaps = top[:, :1] - top
         gaps[:, 0] = top[:, 0] - top[:, 1]
@@ -218,9 +218,10 @@ class Racer(Drafter):
     HINDSIGHT = 4  # candidates a step left out that are scored later against the committed text
 
     def __init__(self, cost, config: RacerConfig = RacerConfig(), *, keep_state: bool = False,
-                 calibration: Calibration | None = None) -> None:
-        """`cost`: a costmodel curve (time(n); observe(n, s) if it learns online)."""
-        self.cost, self.config = cost, config
+                 calibration: Calibration | None = None, n_vocab: int | None = None) -> None:
+        """`cost`: a costmodel curve (time(n); observe(n, s) if it learns online). `n_vocab`
+        sizes the copy-logit table (default: the width of the first full rows it sees)."""
+        self.cost, self.config, self.n_vocab = cost, config, n_vocab
         self.max_nodes = config.max_nodes or max(getattr(cost, "sizes", (32,)))
         self.sizes = frozenset(getattr(cost, "sizes", ()))  # the sizes a tree may have (measured)
         self.prefill_rows = max(1, config.prompt_rows) if config.logits else 1
@@ -253,7 +254,7 @@ class Racer(Drafter):
         self.history.extend(new)
         if self.config.logits:
             if self.table is None or not self.keep_state:
-                self.table = CopyLogitTable(rows.shape[1], self.config.top_k)
+                self.table = CopyLogitTable(self.n_vocab or rows.shape[1], self.config.top_k)
             self.table.update(context[len(context) - len(rows) :], rows)
 
     def propose(self, root: int, budget: int) -> DraftTree:
