@@ -141,9 +141,7 @@ class Backend:
         if self._ctx:
             ll.llama_free(self._ctx)
             self._ctx = None
-        for chain in self._chains:  # the context only borrowed them
-            ll.llama_sampler_free(chain)
-        self._chains = []
+        self._free_chains()  # after the context that used them
         if self._model:
             ll.llama_model_free(self._model)
             self._model = None
@@ -280,11 +278,7 @@ class Backend:
             return
         if not 0 <= k <= self.n_vocab:
             raise ValueError(f"top_k must be in 0..{self.n_vocab}, got {k}")
-        for seq in range(self.n_seq_max if self._chains else 0):
-            ll.llama_set_sampler(self._ctx, seq, None)
-        for chain in self._chains:
-            ll.llama_sampler_free(chain)
-        self._chains, self.top_k = [], 0
+        self._detach_chains()
         for seq in range(self.n_seq_max if k else 0):
             chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
             # Twice: alone, top-k hands back its own output as the candidates, a tensor the graph
@@ -295,10 +289,21 @@ class Backend:
             ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_k(k))
             self._chains.append(chain)
             if not ll.llama_set_sampler(self._ctx, seq, chain):
-                self.top_k = k  # so that the call below detaches what was attached
-                self.set_top_k(0)
+                self._detach_chains()
                 raise ModelError("llama.cpp cannot take top-k on this model's backend; use full rows")
         self.top_k = k
+
+    def _detach_chains(self) -> None:
+        """Back to full rows: chain i was attached to sequence i."""
+        for seq in range(len(self._chains)):
+            ll.llama_set_sampler(self._ctx, seq, None)
+        self._free_chains()
+        self.top_k = 0
+
+    def _free_chains(self) -> None:
+        for chain in self._chains:  # the context only borrowed them
+            ll.llama_sampler_free(chain)
+        self._chains = []
 
     def _read_top_k(self, first: int, end: int) -> TopK:
         k = self.top_k

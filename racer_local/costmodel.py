@@ -20,9 +20,11 @@ import weakref
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from racer_local import topk
 from racer_local.backend import Backend
 from racer_local.models import cache_dir
 
@@ -102,7 +104,7 @@ def cached(backend: Backend) -> CostCurve:
     key = _key(backend, SIZES, *([backend.top_k] if backend.top_k else []))  # rows as read
     if key in _memo:
         return _memo[key]
-    path = cache_dir() / "costs" / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".json")
+    path = _path(key)
     try:
         data = json.loads(path.read_text())
         curve = CostCurve(tuple(data["sizes"]), tuple(data["seconds"]))
@@ -129,6 +131,10 @@ def _key(backend: Backend, *what) -> str:
                        os.cpu_count(), *what])
 
 
+def _path(key: str) -> Path:
+    return cache_dir() / "costs" / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".json")
+
+
 _top_k_memo: dict[str, bool] = {}
 
 
@@ -145,7 +151,7 @@ def top_k_pays(backend: Backend, k: int) -> bool:
     measured once per model, threads and offload, kept on disk."""
     key = _key(backend, "top-k", k)
     if key not in _top_k_memo:
-        path = cache_dir() / "costs" / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".json")
+        path = _path(key)
         try:
             _top_k_memo[key] = bool(json.loads(path.read_text())["backend"])
         except (OSError, ValueError, KeyError):
@@ -160,8 +166,6 @@ def top_k_pays(backend: Backend, k: int) -> bool:
 def _time_rows(backend: Backend, k: int, sizes=(1, 16), repeats: int = 3) -> tuple[float, float]:
     """Seconds to verify and read the top k of one batch of each size, summed: (host, backend).
     Modes alternate twice, each time the minimum of its repeats is kept (noise only adds)."""
-    from racer_local import topk
-
     was, best = backend.top_k, {0: np.inf, k: np.inf}
     try:
         for mode in (0, k, 0, k):
