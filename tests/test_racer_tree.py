@@ -1,0 +1,48 @@
+"""RACER's tree search on hand-made contexts: what its calibrated estimates let into a tree."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from racer_local.costmodel import CostCurve
+from racer_local.drafters.racer import Calibration, Racer, RacerConfig, source_of
+
+CHEAP = CostCurve(tuple(range(1, 9)), tuple(1.0 + 0.3 * (n - 1) for n in range(1, 9)))  # 0.3 a node
+
+
+class Rated(Calibration):
+    """Candidates rated by their sources alone: `copy` if the copy source proposed it, else `other`."""
+
+    def __init__(self, other: float, copy: float | None = None) -> None:
+        super().__init__()
+        self.other, self.copy = other, other if copy is None else copy
+
+    def p(self, key: tuple) -> float:
+        return self.copy if source_of(key) == "copy" else self.other
+
+
+def drafter(config: RacerConfig, calibration: Calibration) -> Racer:
+    return Racer(CHEAP, config, calibration=calibration)
+
+
+def test_siblings_share_one_chance_of_being_the_next_token():
+    # After [1, 2] came 10, 11, 12, 13 and 14 once each: five retrieved siblings tied for best.
+    context = [1, 2, 10, 1, 2, 11, 1, 2, 12, 1, 2, 13, 1, 2, 14, 1]
+    racer = drafter(RacerConfig(logits=False, copy=False), Rated(0.7))
+    racer.begin(context, np.zeros((1, 16), dtype=np.float32))
+    tree = racer.propose(2, 16)
+    first = [tree.tokens[i] for i in range(1, len(tree)) if tree.parents[i] == 0]
+    assert set(first) <= {10, 11, 12, 13, 14}
+    # 0.7 for the first, what is left (0.3) for the second, nothing for the other three.
+    assert 1 <= len(first) <= 2
+
+
+def test_a_likely_copy_keeps_its_chance_beside_unlikelier_siblings():
+    # After [5, 6] the index saw 7 and 30; the copy source follows the most recent match (30, ...).
+    # A copy rated 0.95 leaves 0.05 for the retrieved 7, rated 0.9 on its own.
+    context = [5, 6, 7, 8, 9, 5, 6, 30, 31, 32, 33, 34, 35, 5]
+    racer = drafter(RacerConfig(logits=False), Rated(0.9, copy=0.95))
+    racer.begin(context, np.zeros((1, 64), dtype=np.float32))
+    tree = racer.propose(6, 16)
+    assert tree.n_leaves == 1  # one chain: 7 was not worth a node
+    assert tree.tokens[1:5] == (30, 31, 32, 33)
