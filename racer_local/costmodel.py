@@ -26,6 +26,7 @@ import numpy as np
 
 from racer_local import topk
 from racer_local.backend import Backend
+from racer_local.errors import ModelError
 from racer_local.models import cache_dir
 
 # Tree sizes measured, and the only ones racer chooses: a size between two measured ones is never
@@ -148,16 +149,19 @@ TOP_K_MARGIN = 0.9
 def top_k_pays(backend: Backend, k: int) -> bool:
     """Whether verification here is clearly faster with each row's top k taken inside
     llama.cpp's graph (Backend.set_top_k) than with full rows read on the host, top k included:
-    measured once per model, threads and offload, kept on disk."""
+    measured once per model, threads and offload, kept on disk. No where the backend refuses."""
     key = _key(backend, "top-k", k)
     if key not in _top_k_memo:
         path = _path(key)
         try:
             _top_k_memo[key] = bool(json.loads(path.read_text())["backend"])
         except (OSError, ValueError, KeyError):
-            host, graph = _time_rows(backend, k)
+            try:
+                host, graph = _time_rows(backend, k)
+            except ModelError:  # llama.cpp refuses samplers here (a tensor split): full rows it is
+                host, graph = 0.0, None
             path.parent.mkdir(parents=True, exist_ok=True)
-            pays = graph < TOP_K_MARGIN * host
+            pays = graph is not None and graph < TOP_K_MARGIN * host
             path.write_text(json.dumps({"key": key, "host_s": host, "backend_s": graph, "backend": pays}))
             _top_k_memo[key] = pays
     return _top_k_memo[key]

@@ -133,3 +133,21 @@ def test_the_cli_forces_either_path(model_path):
     assert tokens["backend"] == tokens["host"] and len(tokens["host"]) == 12
     bad = CliRunner().invoke(main, ["generate", "hi", "--candidates", "gpu"])
     assert bad.exit_code == 2 and "'gpu' is not one of 'auto', 'backend', 'host'" in bad.output
+
+
+def test_auto_uses_full_rows_where_llama_cpp_refuses_the_top_k(engine, monkeypatch, tmp_path):
+    """A backend that cannot sample in its graph (llama.cpp refuses a tensor split) costs auto
+    nothing: it reads full rows, instead of failing every greedy generation."""
+    from racer_local import costmodel
+    from racer_local.errors import ModelError
+
+    def refuse(k):
+        if k:
+            raise ModelError("llama.cpp cannot take top-k on this model's backend; use full rows")
+
+    monkeypatch.setenv("RACER_LOCAL_HOME", str(tmp_path))  # measure afresh, cache nothing real
+    monkeypatch.setattr(costmodel, "_top_k_memo", {})
+    monkeypatch.setattr(engine.backend, "set_top_k", refuse)
+    engine.candidates = "auto"
+    assert engine.top_k(needs_full_rows=False) == 0
+    assert engine.generate("The capital of France is", max_tokens=4, method="ar").stats.generated_tokens == 4
