@@ -165,7 +165,11 @@ def _margin(engine, context: list[int]) -> float:
 
 def _totals(runs: list[Run]) -> Stats:
     """One Stats summing every turn's counts and times: its rates are the aggregate ones."""
-    return Stats(**{k: sum(getattr(t.stats, k) for r in runs for t in r.turns) for k in SUMS})
+    total = Stats(**{k: sum(getattr(t.stats, k) for r in runs for t in r.turns) for k in SUMS})
+    for t in (t for r in runs for t in r.turns):
+        for n, steps in t.stats.tree_sizes.items():
+            total.tree_sizes[n] = total.tree_sizes.get(n, 0) + steps
+    return total
 
 
 def _rate(amount: float, seconds: float) -> float:
@@ -187,6 +191,7 @@ def metrics(pairs: list[tuple[Run, Run]]) -> dict:
     m["baseline_e2e_tokens_per_s"] = _rate(base.generated_tokens, base.prefill_s + base.decode_s)
     m["e2e_speedup"] = _rate(m["e2e_tokens_per_s"], m["baseline_e2e_tokens_per_s"])
     m["host_share"] = mine.host_share
+    m["tree_sizes"] = dict(sorted(mine.tree_sizes.items()))  # empty for llama-server's methods
     m["stopped_early"] = sum(any(t.finish_reason != "length" for t in r.turns) for r, _ in both)
     for kind in ("identical", "near-tie", "diverged"):
         m[kind] = sum(r.agreement == kind for r, _ in both)

@@ -31,7 +31,8 @@ def report(data: dict) -> str:
                   f"{data['same_engine']:.2f}x racer-local's `{BASELINE}` on the same prompts "
                   "(about 1.00 when the binding costs nothing)."]
     lines += _host_table(data["summary"])
-    lines += _cost_table(data["cost_curve"]) + _calibration_tables(data.get("calibration") or {})
+    lines += _cost_table(data["cost_curve"]) + _worth(data["summary"], data["cost_curve"])
+    lines += _calibration_tables(data.get("calibration") or {})
     notes = _notes(data)
     if notes:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
@@ -123,6 +124,27 @@ def _cost_table(curve: dict) -> list[str]:
             "| t(N)/t(1) | " + " | ".join(f"{rel[n]:.2f}" for n in sizes) + " |", "",
             f"Ceiling of any tree with every draft accepted: {curve['ceiling']:.2f}x "
             f"(N = {curve['ceiling_n']})."]
+
+
+def curve_speedup(m: dict, curve: dict) -> float | None:
+    """A method's decode speedup over `ar` had every step cost what the curve says for its tree
+    (tokens over the sum of t(N)/t(1)): what its drafts were worth, with machine noise and every
+    cost the curve leaves out removed. None for methods whose steps are not seen (llama-server)."""
+    sizes = {int(n): steps for n, steps in (m.get("tree_sizes") or {}).items()}  # JSON keys are strings
+    cost = sum(steps * float(np.interp(n, curve["sizes"], curve["relative"])) for n, steps in sizes.items())
+    return m["generated_tokens"] / cost if cost > 0 else None
+
+
+def _worth(summary: dict, curve: dict) -> list[str]:
+    worth = {label: curve_speedup(by["overall"], curve) for label, by in summary.items() if label != BASELINE}
+    worth = {label: w for label, w in worth.items() if w is not None}
+    if not worth:
+        return []
+    return ["", "The same steps priced by that curve (tokens over the sum of t(N)/t(1), the tree sizes "
+            "the methods verified): " + ", ".join(f"{label} {w:.2f}x" for label, w in worth.items())
+            + ". That is what the drafts were worth, free of machine noise; the measured speedups "
+            "differ from it by what the steps cost beyond the curve (measured on a short context, "
+            "without host work)."]
 
 
 def _calibration_tables(calibration: dict) -> list[str]:

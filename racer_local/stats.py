@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass
@@ -21,6 +21,7 @@ class Stats:
     verify_s: float = 0.0  # the llama_decode calls
     read_s: float = 0.0  # fetching the rows (top-k from the backend, or full rows)
     walk_s: float = 0.0  # choosing tokens along the trees
+    tree_sizes: dict[int, int] = field(default_factory=dict)  # nodes verified in a step -> steps
 
     def add(self, step) -> None:
         """Count one forward pass's decode.Step (its root plus the drafts it accepted)."""
@@ -28,6 +29,8 @@ class Stats:
         self.generated_tokens += len(step.tokens)
         self.drafted += step.drafted
         self.accepted += len(step.tokens) - 1
+        n = step.drafted + 1
+        self.tree_sizes[n] = self.tree_sizes.get(n, 0) + 1
         for part in ("draft_s", "build_s", "verify_s", "read_s", "walk_s"):
             setattr(self, part, getattr(self, part) + getattr(step, part))
 

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from racer_local import bench, bench_methods, bench_suites
+from racer_local import bench, bench_methods, bench_report, bench_suites
 from racer_local.cli import main
+from racer_local.decode import Step
 from racer_local.drafters import DRAFTERS
 from racer_local.drafters.base import Drafter
 from racer_local.stats import Stats
@@ -148,6 +149,7 @@ def test_the_three_files_exist_and_parse(bench_run):
     assert len(data["environment"]["model_sha256"]) == 64 and data["environment"]["threads"] == 1
     report = (out / "report.md").read_text()
     assert "| ar#2 |" in report and "| failing |" in report and "Ceiling" in report
+    assert "priced by that curve" in report and "pld " in report.split("priced by that curve")[1]
     assert (out / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -233,3 +235,16 @@ def test_same_text_pins_our_methods_to_ars_tokens(tmp_path, model_path):
         bench.run(model=model_path, threads=1, n_ctx=512, n_gpu_layers=0, suite="mgsm-zh",
                   data_dir=tmp_path, methods=["ar"], limit=1, max_tokens=4, sampling={"temperature": 0.7},
                   out=tmp_path / "out2", command="", same_text=True)
+
+
+def test_the_drafts_worth_prices_each_step_by_the_cost_curve():
+    curve = {"sizes": [1, 2, 4], "relative": [1.0, 2.0, 2.5]}
+    # 3 one-node steps (3 tokens) and 2 four-node steps that committed 4 tokens each: 11 tokens
+    # for 3 x 1.0 + 2 x 2.5 = 8 units of t(1).
+    m = {"generated_tokens": 11, "tree_sizes": {"1": 3, "4": 2}}
+    assert bench_report.curve_speedup(m, curve) == pytest.approx(11 / 8)
+    assert bench_report.curve_speedup({"generated_tokens": 5, "tree_sizes": {}}, curve) is None
+    stats = Stats()
+    for drafted, tokens in ((0, [1]), (3, [1, 2, 3, 4]), (3, [1, 2])):
+        stats.add(Step(tokens, drafted, False))
+    assert stats.tree_sizes == {1: 1, 4: 2}
