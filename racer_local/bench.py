@@ -379,7 +379,8 @@ def run(*, model, threads, n_ctx, n_gpu_layers, suite: str, data_dir, methods: l
         "summary": summary, "versus_peers": versus_peers(summary), "same_engine": same_engine(summary),
         "calibration": calibration,
         "failures": sum(m["overall"]["failed"] for m in summary.values()),
-        "prompts": {p.id: {"suite": p.suite, "category": p.category, "turns": list(p.turns),
+        # Prompts by id and turn count, not their text: the suites' data stays in their files.
+        "prompts": {p.id: {"suite": p.suite, "category": p.category, "n_turns": len(p.turns),
                            "cpu_share": cpu_share[p.id],
                            "runs": {k: _run_json(r) for k, r in results[p.id].items()}}
                     for p in prompts},
