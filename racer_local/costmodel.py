@@ -149,7 +149,7 @@ TOP_K_MARGIN = 0.9
 def top_k_pays(backend: Backend, k: int) -> bool:
     """Whether verification here is clearly faster with each row's top k taken inside
     llama.cpp's graph (Backend.set_top_k) than with full rows read on the host, top k included:
-    measured once per model, threads and offload, kept on disk. No where the backend refuses."""
+    measured once per model, threads and offload, kept on disk; false where the backend refuses."""
     key = _key(backend, "top-k", k)
     if key not in _top_k_memo:
         path = _path(key)

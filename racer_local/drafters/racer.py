@@ -46,9 +46,9 @@ from racer_local.tree import DraftTree
 GAP_EDGES = (1.0, 2.0, 4.0)  # logit-gap buckets: how sure the target was
 ANCHOR_EDGES = (2, 4, 8)  # retrieval anchor-score buckets: about how long the match is
 # copy: matched suffix length buckets (2, 3, 4-7, 8-15, 16-31, 32+ tokens). Longer matches are
-# likelier copies: on `ar`'s text of the bench's dev prompts the first copied token was right
-# 0.92 of the time after an 8-11 token match and 0.99 after 12 or more (gemma-3-270m), 0.81
-# after 8-15, 0.91 after 16-23, 1.0 after 24+ (Qwen2.5-Coder-0.5B; /tmp analysis, see #10).
+# likelier copies: replaying the copy source over `ar`'s own text of the bench's 16 dev prompts,
+# its first token was right 0.92 of the time after an 8-11 token match and 0.99 after 12 or more
+# (gemma-3-270m), 0.81 after 8-15, 0.91 after 16-23 and 1.0 after 24+ (Qwen2.5-Coder-0.5B).
 COPY_MATCH_EDGES = (3, 4, 8, 16, 32)
 COPY_POS_EDGES = (2, 3, 5, 9, 17)  # copy: position in the copied run (1, 2, 3-4, 5-8, 9-16, 17+)
 
