@@ -31,13 +31,12 @@ from racer_local.bench_methods import BASELINE, LLAMA_CPP, Turn, peer_cpu_second
 from racer_local.bench_report import BUSY
 from racer_local.drafters import DRAFTERS
 from racer_local.sampling import Sampler
-from racer_local.stats import Stats
+from racer_local.stats import PARTS, Stats
 
 # Where a speculative output first differs from `ar`, a plain-decoding top-2 margin below this
 # (logits) is a near-tie that batched kernels may flip: the bound tests/test_lossless.py measured.
 NEAR_TIE = 1.0
-SUMS = ("generated_tokens", "prefill_s", "decode_s", "steps", "drafted", "accepted", "draft_s",
-        "build_s", "verify_s", "read_s", "walk_s")
+SUMS = ("generated_tokens", "prefill_s", "decode_s", "steps", "drafted", "accepted", *PARTS)
 
 
 @dataclass

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from racer_local.bench_methods import BASELINE, LLAMA_CPP
+from racer_local.stats import PARTS
 
 BUSY = 0.6  # a prompt's CPU share below this means another job competed for the cores
 
@@ -109,7 +110,7 @@ def _host_table(summary: dict) -> list[str]:
              "|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for label, m in ours.items():
         n = max(1, m["steps"])
-        parts = [m.get(part, 0.0) for part in ("draft_s", "build_s", "verify_s", "read_s", "walk_s")]
+        parts = [m.get(part, 0.0) for part in PARTS]
         cells = [1e3 * p / n for p in (*parts, m["decode_s"] - sum(parts))]
         lines.append(f"| {label} | {m['steps']} | " + " | ".join(f"{c:.2f}" for c in cells)
                      + f" | {m['host_share']:.1%} |")
