@@ -50,9 +50,14 @@ def _header(data: dict) -> list[str]:
         f"threads, n_ctx {env['n_ctx']}, {env['cpu']} ({env['cpu_count']} cores). Suite "
         f"{s['suite']}: {s['prompts']} prompts, up to {s['max_tokens']} tokens per turn, "
         f"temperature {s['temperature']}. {_rows(env)} Every prompt is prefilled cold; methods interleaved "
-        f"prompt by prompt after one warm-up each. Speedup is decode tokens/s over `{BASELINE}` "
+        f"prompt by prompt after one warm-up each{_repeats(s)}. Speedup is decode tokens/s over `{BASELINE}` "
         "on the same prompts; e2e includes the prefill.", "",
     ]
+
+
+def _repeats(settings: dict) -> str:
+    n = settings.get("repeats", 1)
+    return f", {n} rounds of them, each method's fastest run of a prompt kept" if n > 1 else ""
 
 
 def _rows(env: dict) -> str:

@@ -309,11 +309,14 @@ def _command_line(params: dict) -> str:
 @click.option("--same-text", is_flag=True,
               help="Pin racer-local's methods to ar's greedy tokens, so drafters are compared on one "
                    "text (methods otherwise part at near-ties and decode different texts).")
+@click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Runs of every method on each prompt, interleaved; the fastest of each is kept "
+                   "(this machine's noise only adds time).")
 @click.option("-o", "--out", type=click.Path(file_okay=False), default="bench-out", show_default=True,
               help="Directory for results.json, report.md and speedup.png.")
 @_friendly_errors
 def bench(model, threads, n_ctx, n_gpu_layers, rpc, candidates, suite, data, methods, llama_server, limit,
-          max_tokens, same_text, out, **sampling):
+          max_tokens, same_text, repeats, out, **sampling):
     """Measure each method's decode speedup over plain decoding on public prompt sets."""
     from racer_local import bench as bench_lib
     from racer_local.bench_report import report
@@ -324,7 +327,7 @@ def bench(model, threads, n_ctx, n_gpu_layers, rpc, candidates, suite, data, met
                            candidates=candidates, suite=suite, data_dir=find_data_dir(data),
                            methods=_parse_methods(methods),
                            limit=limit, max_tokens=max_tokens, sampling=sampling, out=out,
-                           command=command, llama_server=llama_server, same_text=same_text,
+                           command=command, llama_server=llama_server, same_text=same_text, repeats=repeats,
                            echo=lambda line: click.echo(line, err=True))
     click.echo(report(result))
     click.echo(f"wrote results.json, report.md and speedup.png to {out}", err=True)

@@ -115,6 +115,33 @@ def test_greedy_agreement_and_the_margin_at_divergence():
     assert (runs["far"].diverged_at, runs["far"].margin) == (2, 5.0)
 
 
+class Timed:
+    """A method whose runs take the given seconds in turn, warm-up first (recorded, not slept);
+    None raises."""
+
+    def __init__(self, *seconds) -> None:
+        self.seconds = list(seconds)
+
+    def generate(self, ids, max_tokens, sampling):
+        s = self.seconds.pop(0)
+        if s is None:
+            raise RuntimeError("injected failure")
+        return bench.Turn(Stats(generated_tokens=1, decode_s=s), [1], "x", "length", ids)
+
+    def close(self):
+        pass
+
+
+def test_repeats_keep_each_methods_fastest_run_and_any_failure(engine):
+    prompt = bench_suites.Prompt("p", "s", "c", ("hi",))
+    methods = {"ar": Timed(9.0, 3.0, 1.0, 2.0), "flaky": Timed(9.0, 1.0, None, 2.0)}
+    results, _, _ = bench.run_all(engine, methods, [prompt], max_tokens=4, sampling={},
+                                  progress=False, repeats=3)
+    assert results["p"]["ar"].turns[0].stats.decode_s == 1.0
+    assert "injected failure" in results["p"]["flaky"].error
+    assert methods["ar"].seconds == methods["flaky"].seconds == []  # three rounds each
+
+
 # ----- one real run on the embedded model ---------------------------------------------------
 
 
@@ -225,12 +252,13 @@ def test_same_text_pins_our_methods_to_ars_tokens(tmp_path, model_path):
     data = bench.run(model=model_path, threads=1, n_ctx=512, n_gpu_layers=0, suite="mgsm-zh",
                      data_dir=tmp_path, methods=["ar", "racer", "pld"], limit=1, max_tokens=24,
                      sampling={"temperature": 0.0}, out=tmp_path / "out", command="", same_text=True,
-                     echo=lambda line: None)
+                     repeats=2, echo=lambda line: None)
     (runs,) = [p["runs"] for p in data["prompts"].values()]
     tokens = {label: run["turns"][0]["tokens"] for label, run in runs.items()}
     assert tokens["racer"] == tokens["pld"] == tokens["ar"]
-    assert data["settings"]["same_text"]
-    assert "Same text" in (tmp_path / "out" / "report.md").read_text()
+    assert data["settings"]["same_text"] and data["settings"]["repeats"] == 2
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "Same text" in report and "2 rounds" in report
     with pytest.raises(ValueError, match="temperature 0"):
         bench.run(model=model_path, threads=1, n_ctx=512, n_gpu_layers=0, suite="mgsm-zh",
                   data_dir=tmp_path, methods=["ar"], limit=1, max_tokens=4, sampling={"temperature": 0.7},

@@ -46,3 +46,24 @@ def test_a_likely_copy_keeps_its_chance_beside_unlikelier_siblings():
     tree = racer.propose(6, 16)
     assert tree.n_leaves == 1  # one chain: 7 was not worth a node
     assert tree.tokens[1:5] == (30, 31, 32, 33)
+
+
+def test_saved_calibrations_put_the_rates_back_and_keep_the_log():
+    class Backend:  # only its identity matters: the shared calibrations are keyed by it
+        pass
+
+    from racer_local.drafters.racer import saved_calibrations, shared_calibration
+
+    backend, key = Backend(), (None, None, (0, 0), 1)
+    shared = shared_calibration(backend, "racer", True)
+    shared.record(key, True)
+    before = shared.p(key)
+    restore = saved_calibrations(backend)
+    for _ in range(5):
+        shared.record(key, False)
+    shared_calibration(backend, "racer-copy", True).record(key, True)  # one begun after the save
+    assert shared.p(key) < before
+    restore()
+    assert shared.p(key) == before
+    assert shared_calibration(backend, "racer-copy", True).p(key) == Calibration().p(key)
+    assert shared.log[key][0] == 6  # every trial stays in the bench's calibration table

@@ -28,11 +28,12 @@ which the calibrated best-first search replaces.
 
 from __future__ import annotations
 
+import copy
 import heapq
 import time
 import weakref
 from bisect import bisect_left
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -215,6 +216,20 @@ _shared: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def shared_calibration(backend, method: str, greedy: bool) -> Calibration:
     by_mode = _shared.setdefault(backend, {})
     return by_mode.setdefault((method, greedy), Calibration())
+
+
+def saved_calibrations(backend) -> Callable[[], None]:
+    """A function that puts the backend's shared calibrations back to what they are now (their
+    logs keep every trial): a benchmark's repeats of one prompt then all start from what the
+    earlier prompts taught, never from the prompt itself."""
+    by_mode = _shared.setdefault(backend, {})
+    saved = {mode: copy.deepcopy((c.counts, c.classes)) for mode, c in by_mode.items()}
+
+    def restore() -> None:
+        for mode, c in by_mode.items():
+            c.counts, c.classes = copy.deepcopy(saved.get(mode, ({}, {})))
+
+    return restore
 
 
 class Racer(Drafter):
