@@ -67,3 +67,15 @@ def test_saved_calibrations_put_the_rates_back_and_keep_the_log():
     assert shared.p(key) == before
     assert shared_calibration(backend, "racer-copy", True).p(key) == Calibration().p(key)
     assert shared.log[key][0] == 6  # every trial stays in the bench's calibration table
+
+
+def test_a_trial_counts_once_in_its_kinds_rate_and_moves_its_untried_relatives():
+    shared = Calibration()
+    request = Calibration(parent=shared)  # what a generation's drafter holds
+    copied, relative = (None, None, (0, 0), 1), (None, None, (0, 1), 1)  # one class: copies, depth 1
+    request.record(copied, True)
+    weight = Calibration.WEIGHT
+    assert request.p(copied) == (1 + weight * shared.p(copied)) / (1 + weight)
+    for _ in range(3):  # copies start failing in this request: an untried copy kind is trusted less
+        request.record(copied, False)
+    assert request.p(relative) < Calibration(parent=shared).p(relative)
