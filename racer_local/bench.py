@@ -81,8 +81,9 @@ def run_all(engine, methods: dict, prompts: list[suites.Prompt], *, max_tokens: 
     peers over wall seconds x threads while the prompt ran, which drops (to ~0.5) when
     another job competes for the cores. With `same_text`, `ar` runs first on each prompt
     and racer-local's other methods commit its tokens (greedy only). With `repeats`, every
-    method runs the prompt that many times (rounds interleaved, each from the calibration
-    the earlier prompts left) and its fastest run is kept, a failed one always."""
+    method runs the prompt that many times and its fastest run is kept, a failed one always;
+    no round learns from another: racer's start from the calibration the earlier prompts
+    left, llama.cpp's after the first from a fresh server."""
     from tqdm import tqdm
 
     from racer_local.drafters.racer import saved_calibrations
@@ -93,10 +94,14 @@ def run_all(engine, methods: dict, prompts: list[suites.Prompt], *, max_tokens: 
     longest = max(prompts, key=lambda p: len(p.turns[0]))
     warm_prompt = suites.Prompt("warm-up", "", "", longest.turns[:1])
     warmup_errors = {}
-    for label in labels:
+
+    def warm_up(label):
         warm = run_prompt(engine, methods[label], warm_prompt, min(8, max_tokens), sampling)
         if warm.error:
-            warmup_errors[label] = warm.error
+            warmup_errors.setdefault(label, warm.error)
+
+    for label in labels:
+        warm_up(label)
     results: dict[str, dict[str, Run]] = {}
     cpu_share: dict[str, float | None] = {}
     with tqdm(total=len(prompts) * len(labels) * repeats, unit="run", file=sys.stderr,
@@ -107,6 +112,10 @@ def run_all(engine, methods: dict, prompts: list[suites.Prompt], *, max_tokens: 
             restore = saved_calibrations(engine.backend)
             for r in range(repeats):
                 restore()
+                for label in labels if r else ():  # a fresh llama-server: see LlamaCppServer.forget
+                    if hasattr(methods[label], "forget"):
+                        methods[label].forget()
+                        warm_up(label)
                 turn = (k + r) % len(labels)
                 order = labels[turn:] + labels[:turn]
                 if same_text:

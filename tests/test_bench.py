@@ -132,14 +132,26 @@ class Timed:
         pass
 
 
+class Server(Timed):
+    """A method with state across requests (as llama-server keeps): it must start afresh."""
+
+    forgotten = 0
+
+    def forget(self):
+        self.forgotten += 1
+
+
 def test_repeats_keep_each_methods_fastest_run_and_any_failure(engine):
     prompt = bench_suites.Prompt("p", "s", "c", ("hi",))
-    methods = {"ar": Timed(9.0, 3.0, 1.0, 2.0), "flaky": Timed(9.0, 1.0, None, 2.0)}
+    methods = {"ar": Timed(9.0, 3.0, 1.0, 2.0), "flaky": Timed(9.0, 1.0, None, 2.0),
+               "server": Server(9.0, 2.0, 9.0, 0.5, 9.0, 1.0)}  # warmed up again after each fresh start
     results, _, _ = bench.run_all(engine, methods, [prompt], max_tokens=4, sampling={},
                                   progress=False, repeats=3)
     assert results["p"]["ar"].turns[0].stats.decode_s == 1.0
+    assert results["p"]["server"].turns[0].stats.decode_s == 0.5
     assert "injected failure" in results["p"]["flaky"].error
-    assert methods["ar"].seconds == methods["flaky"].seconds == []  # three rounds each
+    assert all(m.seconds == [] for m in methods.values())  # three rounds each
+    assert methods["server"].forgotten == 2  # no round drafts from an earlier round's answer
 
 
 # ----- one real run on the embedded model ---------------------------------------------------

@@ -149,6 +149,19 @@ def test_real_server_greedy_output_is_the_models(binary, engine):
         assert n is None or n > 8, (spec, turn.tokens, ours.tokens)
 
 
+def test_a_peer_that_forgets_starts_a_fresh_server_and_keeps_its_cpu_count(binary, engine):
+    peer, prompt = bench_methods.LlamaCppServer(engine, "ngram-mod", binary), engine.tokenize("Once upon a")
+    try:
+        peer.generate(prompt, 8, {"temperature": 0.0})
+        first, used = peer.server.proc, peer.cpu_seconds()
+        peer.forget()
+        assert first.poll() is not None and peer.server.proc.poll() is None
+        assert peer.cpu_seconds() >= used
+        assert peer.generate(prompt, 8, {"temperature": 0.0}).stats.generated_tokens == 8
+    finally:
+        peer.close()
+
+
 def test_real_server_killed_mid_generation(binary, engine):
     peer = bench_methods.LlamaCppServer(engine, None, binary)
     try:
@@ -182,7 +195,8 @@ def test_a_bench_with_peers_leaves_no_server_behind(binary, tmp_path, model_path
     out = tmp_path / "b"
     args = ["bench", "--suite", "mgsm-zh", "--limit", "1", "--max-tokens", "16", "--threads", "1",
             "--n-ctx", "512", "-m", str(model_path), "--out", str(out), "--methods",
-            "ar,llama.cpp,llama.cpp-ngram-mod,llama.cpp-ngram-simple", "--llama-server", str(binary)]
+            "ar,llama.cpp,llama.cpp-ngram-mod,llama.cpp-ngram-simple", "--llama-server", str(binary),
+            "--repeats", "2"]  # the second round on fresh servers
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     deadline = time.monotonic() + 5
