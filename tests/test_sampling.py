@@ -333,7 +333,10 @@ def test_the_trees_branch_and_drafts_get_accepted(method):
         backend.cells.clear()
     branched = sum(1 for _, seqs in backend.trees if seqs > 1)
     assert branched >= 0.5 * len(backend.trees)
-    assert 50 * 12 / len(backend.trees) > 1.25  # tokens per verification: drafts were accepted
+    # Tokens per verification: drafts were accepted (a walk that never accepts gives 1.0).
+    # racer here, each generation from a fresh calibration: 1.27 over 200 seeds, 1.22 over these
+    # 50 (1.34 and 1.33 while a tried kind's trials also counted through its class: twice).
+    assert 50 * 12 / len(backend.trees) > 1.15
 
 
 def test_one_seed_gives_the_same_tokens_whatever_the_method():
