@@ -109,13 +109,14 @@ def run_all(engine, methods: dict, prompts: list[suites.Prompt], *, max_tokens: 
         for k, prompt in enumerate(prompts):
             results[prompt.id], text = {}, None
             wall, cpu = time.perf_counter(), _cpu_seconds(methods)
-            restore = saved_calibrations(engine.backend)
+            restore = saved_calibrations(engine.backend) if repeats > 1 else None
             for r in range(repeats):
-                restore()
-                for label in labels if r else ():  # a fresh llama-server: see LlamaCppServer.forget
-                    if hasattr(methods[label], "forget"):
-                        methods[label].forget()
-                        warm_up(label)
+                if r:  # no round learns from another
+                    restore()
+                    for label in labels:  # a fresh llama-server: see LlamaCppServer.forget
+                        if hasattr(methods[label], "forget"):
+                            methods[label].forget()
+                            warm_up(label)
                 turn = (k + r) % len(labels)
                 order = labels[turn:] + labels[:turn]
                 if same_text:
