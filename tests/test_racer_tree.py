@@ -79,3 +79,40 @@ def test_a_trial_counts_once_in_its_kinds_rate_and_moves_its_untried_relatives()
     for _ in range(3):  # copies start failing in this request: an untried copy kind is trusted less
         request.record(copied, False)
     assert request.p(relative) < Calibration(parent=shared).p(relative)
+
+
+class Unpruned(Racer):
+    """The search without its early stop: it runs until STALE, as before the stop existed."""
+
+    @staticmethod
+    def _may_grow(*args) -> bool:
+        return True
+
+
+def test_the_early_stop_changes_no_tree_and_no_hindsight():
+    # A bumpy curve (4 tokens cheaper than 3, 12 no dearer than 8: a bigger tree can pay again
+    # after several that did not), contexts that repeat a phrase, rows that fill the table.
+    sizes = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16)
+    bumpy = CostCurve(sizes, (1.0, 1.9, 2.6, 2.4, 3.6, 3.9, 4.2, 4.4, 4.4, 5.2))
+    rng = np.random.default_rng(3)
+    spared = 0
+    for trial in range(40):
+        phrase = rng.integers(0, 40, 30).tolist()
+        cut = int(rng.integers(2, 12))  # the context repeats the phrase up to here; the root is next
+        context = phrase + rng.integers(0, 40, 5).tolist() + phrase[:cut]
+        rows = rng.normal(size=(4, 48)).astype(np.float32) * rng.uniform(0.5, 4)
+        calibration = Rated(rng.uniform(0.02, 0.6), copy=rng.uniform(0.3, 1.0))
+        budget = int(rng.integers(2, 20)) if trial % 4 else 64
+        outcome = []
+        for cls in (Racer, Unpruned):
+            racer = cls(bumpy, RacerConfig(), calibration=calibration)
+            racer.begin(context, rows)
+            searched = [0]
+            children = racer._children
+            racer._children = lambda *args, children=children, searched=searched: (
+                searched.__setitem__(0, searched[0] + 1) or children(*args))
+            outcome.append((racer.propose(phrase[cut], budget), racer._pending, searched[0]))
+        (tree, pending, work), (tree_before, pending_before, work_before) = outcome
+        assert tree == tree_before and pending == pending_before
+        spared += work < work_before
+    assert spared > 0  # and it did spare some searches

@@ -292,11 +292,15 @@ class Racer(Drafter):
         # Best-first by path probability: a child never beats its parent, so parents pop first,
         # and the first n nodes popped are the best n-node tree. Its size is the n with the best
         # expected tokens per second; the search stops once that has not improved for a while
-        # (STALE), since later nodes are no likelier.
+        # (STALE), since later nodes are no likelier, or as soon as no bigger tree could beat
+        # it even if every node still to come were as likely as the last (that changes no tree:
+        # it only spares the search, most often when nothing pays and the root goes alone).
         heap: list[tuple[float, int, tuple[int, ...], tuple]] = []
         chosen: list[tuple[int, ...]] = []
         path, p, token, tie = (), 1.0, root, 0
         rates: dict[tuple, float] = {}  # kind -> calibrated rate: fixed until observe()
+        costs = [(n, self.cost.time(n) + self._overhead) for n in sorted(self.sizes or range(2, limit + 2))
+                 if 1 < n <= limit + 1]
         size, best_rate, expected = 1, self.config.pay_margin / (self.cost.time(1) + self._overhead), 1.0
         while len(chosen) < limit and len(chosen) + 1 < 2 * size + self.STALE:
             for child, key, chance in self._chances(self._children(path, token, sources), rates):
@@ -310,19 +314,27 @@ class Racer(Drafter):
             self._keys[path] = key
             expected += p
             n = len(chosen) + 1
-            if self.sizes and n not in self.sizes:
-                continue  # its cost was not measured (see costmodel.SIZES)
-            rate = expected / (self.cost.time(n) + self._overhead)
-            if rate > best_rate:
-                size, best_rate = n, rate
+            if not self.sizes or n in self.sizes:  # else its cost was not measured (costmodel.SIZES)
+                rate = expected / (self.cost.time(n) + self._overhead)
+                if rate > best_rate:
+                    size, best_rate = n, rate
+            hindsight_ready = len(chosen) >= size - 1 + self.HINDSIGHT  # the left-out ones to score
+            if hindsight_ready and not self._may_grow(expected, n, p, best_rate, costs):
+                break
         # The best candidates left out are scored once the text they guessed is committed, so a
         # kind that is never drafted (its estimate too low to pay) still gets its estimate
         # corrected: without this, a low prior would stop a good source for good.
         at = self.history.n
-        self._pending += [(at, p, self._keys[p]) for p in chosen[size - 1 : size - 1 + self.HINDSIGHT]]
+        self._pending += [(at, q, self._keys[q]) for q in chosen[size - 1 : size - 1 + self.HINDSIGHT]]
         self._proposed_at = time.perf_counter()
         self._work = self._proposed_at - start  # drafting: the per-step cost besides cost(N)
         return DraftTree.build(root, chosen[: size - 1])
+
+    @staticmethod
+    def _may_grow(expected: float, n: int, p: float, best_rate: float, costs) -> bool:
+        """Whether some measured size above n could beat best_rate if every node still to come
+        were as likely as the last one popped (`p`, which bounds them all)."""
+        return any(expected + (m - n) * p > best_rate * cost for m, cost in costs if m > n)
 
     def _sourced(self, root: int, budget: int) -> dict[tuple[int, ...], dict[int, list]]:
         """prefix -> {next token: [retrieval kind, copy kind]} from the index and the history."""
