@@ -124,10 +124,18 @@ def _host_table(summary: dict) -> list[str]:
 
 def _cost_table(curve: dict) -> list[str]:
     sizes = [n for n in (1, 2, 4, 8, 12, 16, 24, 32) if n in curve["sizes"]]
-    rel = dict(zip(curve["sizes"], curve["relative"], strict=True))
+    rows = [("t(N)/t(1)", curve["relative"])]
+    if curve.get("long_relative"):
+        short, long = curve["contexts"]
+        rows = [(f"t(N)/t(1) after {short} tokens", curve["relative"]),
+                (f"after {long} tokens", curve["long_relative"])]
+    table = []
+    for name, values in rows:
+        rel = dict(zip(curve["sizes"], values, strict=True))
+        table.append(f"| {name} | " + " | ".join(f"{rel[n]:.2f}" for n in sizes) + " |")
     return ["", "Cost of verifying N tokens in one batch relative to one (this machine):", "",
             "| N | " + " | ".join(map(str, sizes)) + " |", "|---|" + "--:|" * len(sizes),
-            "| t(N)/t(1) | " + " | ".join(f"{rel[n]:.2f}" for n in sizes) + " |", "",
+            *table, "",
             f"Ceiling of any tree with every draft accepted: {curve['ceiling']:.2f}x "
             f"(N = {curve['ceiling_n']})."]
 

@@ -4,9 +4,12 @@ On a CPU verifying 8 tokens costs several times one token, and the curve is not 
 monotone (llama.cpp picks kernels by batch size: here 8 tokens cost less than 6). So the
 tree size is chosen from this machine's own curve: measured once per model and thread count
 (a few seconds, on a scratch sequence id that never touches the committed text), cached on
-disk, and interpolated between measured sizes. A curve measured on a busy moment has the wrong
-shape, so `LiveCost` refines it from the step times the decode loop observes: per size octave, the
-median of the recent steps' ratio to the measured curve, and never cheaper for more tokens.
+disk, and interpolated between measured sizes. It is measured after a short and after a long
+context (`CONTEXTS`) and priced at the context of the moment: every verified token attends to
+the whole context, so a tree costs more, relative to one token, the longer the text. A curve
+measured on a busy moment has the wrong shape, so `LiveCost` refines it from the step times the
+decode loop observes: per size octave, the median of the recent steps' ratio to the measured
+curve, and never cheaper for more tokens.
 """
 
 from __future__ import annotations
@@ -36,34 +39,78 @@ from racer_local.models import cache_dir
 SIZES = (*range(1, 13), 14, 16, 20, 24, 28, 32, 40, 48, 56, 62)
 
 
+# Contexts (tokens) the curve is measured after. Relative to one token at the same context, the
+# cost of N moves with it (here, 2 threads, min of 7, after 1,024 vs 64 tokens: Qwen2.5-Coder-0.5B
+# t(8) 4.46 vs 4.09, t(16) 6.55 vs 5.69, t(24) 9.63 vs 8.08; gemma-3-270m, whose sliding-window
+# layers see 512 tokens at most, t(16) 5.73 vs 5.47, t(24) 8.29 vs 7.18), and a curve from the
+# short context alone mispriced long prompts' trees: side by side on the Qwen model (16 dev
+# prompts, same text, 2 rounds), racer 1.14x `ar` priced at the context, 1.10x priced after 64.
+# In between and beyond, the cost is linear in the context, as attention is (up to MAX_REACH
+# times the span).
+CONTEXTS = (64, 1024)
+MAX_REACH = 3.0
+
+
 @dataclass(frozen=True)
 class CostCurve:
     sizes: tuple[int, ...]
-    seconds: tuple[float, ...]  # fastest observed wall time of one decode of each size
+    seconds: tuple[float, ...]  # fastest observed wall time of one decode of each size, short context
+    long: tuple[float, ...] | None = None  # the same after the long context; None: not measured
 
-    def time(self, n: int) -> float:
-        """Seconds to verify n tokens (linear in between and beyond the measured sizes)."""
-        sizes, secs = self.sizes, self.seconds
-        if n >= sizes[-1]:
-            slope = (secs[-1] - secs[-2]) / (sizes[-1] - sizes[-2])
-            return secs[-1] + slope * (n - sizes[-1])
-        return float(np.interp(n, sizes, secs))
+    def time(self, n: int, context: int | None = None) -> float:
+        """Seconds to verify n tokens after `context` tokens (None: the short context), linear
+        in between and beyond the measured sizes and contexts."""
+        short = _interp(n, self.sizes, self.seconds)
+        if self.long is None or context is None:
+            return short
+        return short + _reach(context) * (_interp(n, self.sizes, self.long) - short)
 
     def relative(self, n: int) -> float:
         return self.time(n) / self.seconds[0]
 
     def to_dict(self) -> dict:
         return {"sizes": list(self.sizes), "seconds": list(self.seconds),
-                "relative": [round(self.relative(n), 3) for n in self.sizes]}
+                "relative": [round(self.relative(n), 3) for n in self.sizes],
+                **({"contexts": list(CONTEXTS), "long": list(self.long),
+                    "long_relative": [round(t / self.long[0], 3) for t in self.long]} if self.long else {})}
 
 
-def measure(backend: Backend, sizes=SIZES, repeats: int = 5, prefix: int = 64) -> CostCurve:
-    """Time decodes of each size after a `prefix`-token context, on the last sequence id.
+def _interp(n: int, sizes, secs) -> float:
+    if n >= sizes[-1]:
+        slope = (secs[-1] - secs[-2]) / (sizes[-1] - sizes[-2])
+        return secs[-1] + slope * (n - sizes[-1])
+    return float(np.interp(n, sizes, secs))
+
+
+def _reach(context: int) -> float:
+    """How far `context` lies from the short measured context towards the long one."""
+    short, long = CONTEXTS
+    return min(max(context - short, 0) / (long - short), MAX_REACH)
+
+
+def measure(backend: Backend, sizes=SIZES, repeats: int = 5) -> CostCurve:
+    """Time decodes of each size after each of CONTEXTS, on the last sequence id (the long
+    context left out where the free cells, the committed text's aside, cannot hold it).
 
     The minimum over repeats, not the median: other work on the machine only ever adds time,
     and a curve distorted by a busy moment would be cached.
     """
-    sizes = tuple(n for n in sizes if n <= min(backend.n_batch, backend.n_ctx - prefix))
+    short, long = CONTEXTS
+    sizes = tuple(n for n in sizes if n <= min(backend.n_batch, backend.n_ctx - short))
+    seconds = _timed(backend, sizes, repeats, short)
+    if long + sizes[-1] > backend.n_ctx - (backend.pos_max(0) + 1):
+        return CostCurve(sizes, seconds)
+    # Fewer repeats after the long context, where each costs more: measuring both took 45 s for
+    # Qwen2.5-Coder-0.5B here with 5 each (a first request waits for it; later ones read the disk).
+    return CostCurve(sizes, seconds, _timed(backend, sizes, max(1, repeats - 2), long))
+
+
+def _complete(backend: Backend, curve: CostCurve) -> bool:
+    """Measured after both contexts, or in a window too small for the long one ever to fit."""
+    return curve.long is not None or CONTEXTS[1] + curve.sizes[-1] > backend.n_ctx
+
+
+def _timed(backend: Backend, sizes, repeats: int, prefix: int) -> tuple[float, ...]:
     timings: dict[int, list[float]] = {n: [] for n in sizes}
     with _scratch(backend, prefix) as decode:
         for _ in range(repeats):
@@ -71,7 +118,7 @@ def measure(backend: Backend, sizes=SIZES, repeats: int = 5, prefix: int = 64) -
                 t = time.perf_counter()
                 decode(n)
                 timings[n].append(time.perf_counter() - t)
-    return CostCurve(sizes, tuple(min(timings[n]) for n in sizes))
+    return tuple(min(timings[n]) for n in sizes)
 
 
 @contextmanager
@@ -86,7 +133,9 @@ def _scratch(backend: Backend, prefix: int = 64):
         return rows
 
     try:
-        backend.decode([token] * prefix, range(prefix), [(seq,)] * prefix, n_logits=1)
+        for start in range(0, prefix, backend.n_batch):
+            n = min(backend.n_batch, prefix - start)
+            backend.decode([token] * n, range(start, start + n), [(seq,)] * n, n_logits=1)
         yield decode
     finally:
         backend.seq_rm(seq)
@@ -102,21 +151,24 @@ def cached(backend: Backend) -> CostCurve:
     run would size its trees by it; so a cached curve that was measured busy, or that is
     impossible (N tokens cheaper than one), is measured again when the machine is quiet.
     """
-    key = _key(backend, SIZES, *([backend.top_k] if backend.top_k else []))  # rows as read
+    key = _key(backend, SIZES, CONTEXTS, *([backend.top_k] if backend.top_k else []))  # rows as read
     if key in _memo:
         return _memo[key]
     path = _path(key)
     try:
         data = json.loads(path.read_text())
-        curve = CostCurve(tuple(data["sizes"]), tuple(data["seconds"]))
-        stale = not plausible(curve) or (data.get("busy", True) and not _busy())
+        long = data.get("long")
+        curve = CostCurve(tuple(data["sizes"]), tuple(data["seconds"]), tuple(long) if long else None)
+        stale = (not plausible(curve) or not _complete(backend, curve)
+                 or (data.get("busy", True) and not _busy()))
     except (OSError, ValueError, KeyError):
         curve, stale = None, True
     if stale:
         busy = _busy()
         curve = measure(backend)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"key": key, "busy": busy or _busy(), **curve.to_dict()}))
+        if _complete(backend, curve):  # else measured again by the next process
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"key": key, "busy": busy or _busy(), **curve.to_dict()}))
     _memo[key] = curve
     return curve
 
@@ -190,8 +242,8 @@ def _time_rows(backend: Backend, k: int, sizes=(1, 16), repeats: int = 3) -> tup
 
 
 def plausible(curve: CostCurve) -> bool:
-    """Verifying N > 1 tokens can never be cheaper than verifying one."""
-    return all(s >= curve.seconds[0] for s in curve.seconds[1:])
+    """Verifying N > 1 tokens can never be cheaper than verifying one, after either context."""
+    return all(all(s >= secs[0] for s in secs[1:]) for secs in (curve.seconds, curve.long or ()))
 
 
 def _busy() -> bool:
@@ -222,16 +274,29 @@ class LiveCost:
 
     WINDOW = 16
     MIN_SEEN = 3
+    AT_STEP = 32  # tokens of context growth before the prices move with it (about 25 us each time)
 
     def __init__(self, base: CostCurve) -> None:
         self.base, self.sizes = base, base.sizes
         top = max(base.sizes)
-        self._base = np.array([base.time(max(n, 1)) for n in range(top + 1)])
+        self._short = np.array([base.time(max(n, 1)) for n in range(top + 1)])
+        self._long = np.array([base.time(max(n, 1), CONTEXTS[1]) for n in range(top + 1)])
+        self._context: int | None = None
+        self._base = self._short  # the measured curve at the present context
         self._octave = np.array([max(n, 1).bit_length() for n in range(top + 1)])
         self._ratio = np.full(self._octave.max() + 1, np.nan)  # per octave, once seen MIN_SEEN times
         self._seen: dict[int, deque] = {}
         self._recent: deque = deque(maxlen=self.WINDOW)
         self._table = self._base.copy()
+
+    def at(self, context: int) -> None:
+        """Price the next steps after `context` tokens; observed ratios carry over, as they
+        are to the measured curve at the context each step had."""
+        if self._context is not None and abs(context - self._context) < self.AT_STEP:
+            return
+        self._context = context
+        self._base = self._short + _reach(context) * (self._long - self._short)
+        self._refresh()
 
     def observe(self, n: int, seconds: float) -> None:
         if not 1 <= n < len(self._base):
@@ -243,8 +308,11 @@ class LiveCost:
         self._recent.append(ratio)
         if len(seen) >= self.MIN_SEEN:
             self._ratio[octave] = _median(seen)
+        self._refresh()
+
+    def _refresh(self) -> None:
         ratios = self._ratio[self._octave]
-        ratios = np.where(np.isnan(ratios), _median(self._recent), ratios)
+        ratios = np.where(np.isnan(ratios), _median(self._recent) if self._recent else 1.0, ratios)
         table = self._base * ratios
         cheapest = np.full(len(self._ratio), np.inf)  # per octave
         np.minimum.at(cheapest, self._octave, table)
@@ -254,7 +322,7 @@ class LiveCost:
     def time(self, n: int) -> float:
         if n < len(self._table):
             return float(self._table[n])
-        return self.base.time(n) * float(self._table[-1] / self._base[-1])
+        return self.base.time(n, self._context) * float(self._table[-1] / self._base[-1])
 
 
 def _median(values) -> float:

@@ -21,6 +21,36 @@ def test_time_interpolates_between_and_extrapolates_beyond_measured_sizes():
 def test_a_curve_cheaper_at_n_than_at_one_is_implausible():
     assert costmodel.plausible(CostCurve((1, 2, 8), (0.01, 0.02, 0.03)))
     assert not costmodel.plausible(CostCurve((1, 2, 8), (0.01, 0.02, 0.005)))
+    assert not costmodel.plausible(CostCurve((1, 2, 8), (0.01, 0.02, 0.03), (0.012, 0.011, 0.04)))
+
+
+def test_a_tree_is_priced_at_the_context_it_is_verified_after():
+    """Every verified token attends to the whole context: a long prompt makes trees dearer."""
+    short, long = costmodel.CONTEXTS
+    curve = CostCurve((1, 8), (0.010, 0.040), (0.012, 0.060))
+    assert curve.time(8) == curve.time(8, short) == pytest.approx(0.040)
+    assert curve.time(8, long) == pytest.approx(0.060)
+    assert curve.time(8, (short + long) // 2) == pytest.approx(0.050)
+    assert curve.time(8, 10) == pytest.approx(0.040)  # no cheaper than measured below the short one
+    far = short + 100 * (long - short)  # linear beyond the long one, up to MAX_REACH spans
+    assert curve.time(8, far) == pytest.approx(0.040 + costmodel.MAX_REACH * 0.020)
+    assert CostCurve((1, 8), (0.010, 0.040)).time(8, long) == pytest.approx(0.040)  # no long curve
+
+
+def test_live_cost_moves_its_prices_with_the_context_and_keeps_what_it_learned():
+    from racer_local.costmodel import LiveCost
+
+    short, long = costmodel.CONTEXTS
+    base = CostCurve((1, 2, 4, 8, 16), (1.0, 1.2, 1.5, 2.0, 3.0), (1.2, 1.5, 2.0, 3.0, 5.0))
+    live = LiveCost(base)
+    live.at(short)
+    for _ in range(5):
+        live.observe(1, 1.1)  # 10% over the measurement, at the short context
+    live.at(long)
+    assert live.time(1) == pytest.approx(1.1 * 1.2)  # the ratio learned, the long curve's price
+    assert live.time(16) / live.time(1) == pytest.approx(5.0 / 1.2)  # a long text's trees cost more
+    live.at(long + LiveCost.AT_STEP - 1)  # a few tokens more: the same prices
+    assert live.time(16) == pytest.approx(1.1 * 5.0)
 
 
 @pytest.fixture
@@ -36,7 +66,8 @@ def fake_backend(tmp_path, monkeypatch):
         return CostCurve((1, 2), (0.01, 0.02))
 
     monkeypatch.setattr(costmodel, "measure", measure)
-    backend = SimpleNamespace(model_path=model, n_threads=2, n_gpu_layers=0, rpc=(), n_batch=512, top_k=0)
+    backend = SimpleNamespace(model_path=model, n_threads=2, n_gpu_layers=0, rpc=(), n_batch=512, top_k=0,
+                              n_ctx=512)  # too small a window for the long context: the short curve is all
     return backend, measured
 
 
@@ -95,3 +126,20 @@ def test_live_cost_learns_from_observed_steps_and_stays_monotone():
     assert times == sorted(times)  # never cheaper for more tokens
     live.observe(2, 0.01)  # one outlier moves nothing: medians
     assert live.time(2) == pytest.approx(1.1 * base.time(2))
+
+
+def test_the_curve_is_measured_after_both_contexts_beside_the_committed_text(model_path):
+    from racer_local.backend import Backend
+
+    with Backend(model_path, n_ctx=2048, n_threads=2) as backend:
+        text = backend.tokenize("The quick brown fox jumps over the lazy dog. " * 120)[:1100]
+        for start in range(0, len(text), 512):
+            chunk = text[start : start + 512]
+            backend.decode(chunk, range(start, start + len(chunk)), n_logits=1)
+        crowded = costmodel.measure(backend, sizes=(1, 2, 4), repeats=1)
+        assert crowded.long is None  # 1,024 + 4 more cells do not fit beside the 1,100 committed
+        assert backend.pos_max(0) == len(text) - 1  # the committed text is untouched
+        backend.clear()
+        curve = costmodel.measure(backend, sizes=(1, 2, 4), repeats=1)
+        assert curve.long is not None and len(curve.long) == 3
+        assert all(backend.pos_max(seq) == -1 for seq in range(backend.n_seq_max))  # nothing left behind

@@ -287,6 +287,8 @@ class Racer(Drafter):
 
     def propose(self, root: int, budget: int) -> DraftTree:
         start = time.perf_counter()
+        if hasattr(self.cost, "at"):  # priced at this context: see costmodel.CONTEXTS
+            self.cost.at(self.history.n)
         limit = min(budget, self.max_nodes) - 1
         sources = self._sourced(root, limit)
         # Best-first by path probability: a child never beats its parent, so parents pop first,
