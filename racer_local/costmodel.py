@@ -6,7 +6,7 @@ tree size is chosen from this machine's own curve: measured once per model and t
 (a few seconds, on a scratch sequence id that never touches the committed text), cached on
 disk, and interpolated between measured sizes. It is measured after a short and after a long
 context (`CONTEXTS`) and priced at the context of the moment: every verified token attends to
-the whole context, so a tree costs more, relative to one token, the longer the text. A curve
+the whole context, and the curve's shape moves with its length. A curve
 measured on a busy moment has the wrong shape, so `LiveCost` refines it from the step times the
 decode loop observes: per size octave, the median of the recent steps' ratio to the measured
 curve, and never cheaper for more tokens.
@@ -89,8 +89,8 @@ def _reach(context: int) -> float:
 
 
 def measure(backend: Backend, sizes=SIZES, repeats: int = 5) -> CostCurve:
-    """Time decodes of each size after each of CONTEXTS, on the last sequence id (the long
-    context left out where the free cells, the committed text's aside, cannot hold it).
+    """Time decodes of each size after each of CONTEXTS, on the last sequence id (the long one
+    left out when the cells free beside the committed text cannot hold it).
 
     The minimum over repeats, not the median: other work on the machine only ever adds time,
     and a curve distorted by a busy moment would be cached.
@@ -149,7 +149,8 @@ def cached(backend: Backend) -> CostCurve:
 
     A curve measured while the machine was busy can have the wrong shape, and every later
     run would size its trees by it; so a cached curve that was measured busy, or that is
-    impossible (N tokens cheaper than one), is measured again when the machine is quiet.
+    impossible (N tokens cheaper than one), is measured again when the machine is quiet. One
+    that lacks the long context for want of free cells is kept for this process only.
     """
     key = _key(backend, SIZES, CONTEXTS, *([backend.top_k] if backend.top_k else []))  # rows as read
     if key in _memo:
@@ -270,6 +271,7 @@ class LiveCost:
     3-node one whatever its 4th node, and a curve forced non-decreasing hid that (it priced
     t(4) as t(3)). Only across octaves, where the ratios differ, is noise kept from making
     bigger trees look cheaper: no size costs less than the cheapest of a smaller octave.
+    `at(context)` moves the measured curve to the present context; the ratios stay.
     """
 
     WINDOW = 16
