@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -149,9 +150,12 @@ POEM = "Here is a poem, please continue it for many lines: Roses are red, violet
 def chat(model_path):
     env = {**os.environ, "TERM": "dumb", "PYTHONUNBUFFERED": "1"}
     env.pop("RACER_LOCAL_MODEL", None)  # chat's default model (SmolLM2), whatever the caller set
+    # As a terminal would: SIGINT at its default, whatever the test runner inherited (a job
+    # started with `&` by a shell without job control ignores it, and so would the chat).
     child = pexpect.spawn(EXE, ["chat", "--threads", "2", "--n-ctx", "2048", "-n", "1500",
                                 "-s", "You are a helpful assistant."],
-                          env=env, encoding="utf-8", timeout=180, dimensions=(50, 200))
+                          env=env, encoding="utf-8", timeout=180, dimensions=(50, 200),
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     yield child
     child.close(force=True)
 
