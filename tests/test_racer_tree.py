@@ -89,6 +89,14 @@ class Unpruned(Racer):
         return True
 
 
+def _counted(method, calls: list):
+    def counted(*args):
+        calls.append(args)
+        return method(*args)
+
+    return counted
+
+
 def test_the_early_stop_changes_no_tree_and_no_hindsight():
     # A bumpy curve (4 tokens cheaper than 3, 12 no dearer than 8: a bigger tree can pay again
     # after several that did not), contexts that repeat a phrase, rows that fill the table.
@@ -107,11 +115,9 @@ def test_the_early_stop_changes_no_tree_and_no_hindsight():
         for cls in (Racer, Unpruned):
             racer = cls(bumpy, RacerConfig(), calibration=calibration)
             racer.begin(context, rows)
-            searched = [0]
-            children = racer._children
-            racer._children = lambda *args, children=children, searched=searched: (
-                searched.__setitem__(0, searched[0] + 1) or children(*args))
-            outcome.append((racer.propose(phrase[cut], budget), racer._pending, searched[0]))
+            searched = []  # one entry per node whose children the search looked up
+            racer._children = _counted(racer._children, searched)
+            outcome.append((racer.propose(phrase[cut], budget), racer._pending, len(searched)))
         (tree, pending, work), (tree_before, pending_before, work_before) = outcome
         assert tree == tree_before and pending == pending_before
         spared += work < work_before
