@@ -100,9 +100,7 @@ def measure(backend: Backend, sizes=SIZES, repeats: int = 5) -> CostCurve:
     seconds = _timed(backend, sizes, repeats, short)
     if long + sizes[-1] > backend.n_ctx - (backend.pos_max(0) + 1):
         return CostCurve(sizes, seconds)
-    # Fewer repeats after the long context, where each costs more: measuring both took 45 s for
-    # Qwen2.5-Coder-0.5B here with 5 each (a first request waits for it; later ones read the disk).
-    return CostCurve(sizes, seconds, _timed(backend, sizes, max(1, repeats - 2), long))
+    return CostCurve(sizes, seconds, _timed(backend, sizes, repeats, long))
 
 
 def _complete(backend: Backend, curve: CostCurve) -> bool:
