@@ -301,8 +301,9 @@ class Racer(Drafter):
         chosen: list[tuple[int, ...]] = []
         path, p, token, tie = (), 1.0, root, 0
         rates: dict[tuple, float] = {}  # kind -> calibrated rate: fixed until observe()
-        costs = [(n, self.cost.time(n) + self._overhead) for n in sorted(self.sizes or range(2, limit + 2))
-                 if 1 < n <= limit + 1]
+        # The sizes a tree may take (costmodel.SIZES: only measured ones) and their prices here.
+        costs = {n: self.cost.time(n) + self._overhead for n in sorted(self.sizes or range(2, limit + 2))
+                 if 1 < n <= limit + 1}
         size, best_rate, expected = 1, self.config.pay_margin / (self.cost.time(1) + self._overhead), 1.0
         while len(chosen) < limit and len(chosen) + 1 < 2 * size + self.STALE:
             for child, key, chance in self._chances(self._children(path, token, sources), rates):
@@ -316,10 +317,8 @@ class Racer(Drafter):
             self._keys[path] = key
             expected += p
             n = len(chosen) + 1
-            if not self.sizes or n in self.sizes:  # else its cost was not measured (costmodel.SIZES)
-                rate = expected / (self.cost.time(n) + self._overhead)
-                if rate > best_rate:
-                    size, best_rate = n, rate
+            if n in costs and expected / costs[n] > best_rate:
+                size, best_rate = n, expected / costs[n]
             hindsight_ready = len(chosen) >= size - 1 + self.HINDSIGHT  # the left-out ones to score
             if hindsight_ready and not self._may_grow(expected, n, p, best_rate, costs):
                 break
@@ -336,7 +335,7 @@ class Racer(Drafter):
     def _may_grow(expected: float, n: int, p: float, best_rate: float, costs) -> bool:
         """Whether some measured size above n could beat best_rate if every node still to come
         were as likely as the last one popped (`p`, which bounds them all)."""
-        return any(expected + (m - n) * p > best_rate * cost for m, cost in costs if m > n)
+        return any(expected + (m - n) * p > best_rate * cost for m, cost in costs.items() if m > n)
 
     def _sourced(self, root: int, budget: int) -> dict[tuple[int, ...], dict[int, list]]:
         """prefix -> {next token: [retrieval kind, copy kind]} from the index and the history."""
