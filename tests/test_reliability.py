@@ -216,8 +216,14 @@ def _rss_mib() -> float:
 
 def test_a_long_chat_session_keeps_resident_memory_flat(small):
     """About 1,500 tokens over many turns in a 256-token context (the oldest turns dropped):
-    once the KV cache, the drafter's index and its logit table are allocated, memory stays."""
+    once the KV cache, the drafter's index and its logit table are allocated, memory stays.
+    llama.cpp's logits buffer grows to the most rows a batch has asked for (1 MiB a row here),
+    so the largest tree racer may verify is decoded first, whichever sizes the turns reach."""
+    from racer_local import costmodel
+
     small.reset()
+    with costmodel._scratch(small.backend) as decode:
+        decode(max(costmodel.SIZES))
     messages = [{"role": "user", "content": "Tell a long story about a lighthouse keeper."}]
     produced, after_warmup = 0, None
     for turn in range(200):
