@@ -164,8 +164,9 @@ def _worth(summary: dict, curve: dict) -> list[str]:
 def _calibration_tables(calibration: dict) -> list[str]:
     lines = []
     for label, rows in calibration.items():
-        lines += ["", f"`{label}` calibration: acceptance predicted for the candidates the walk "
-                  "tried (their parent accepted) vs observed, by source and depth:", "",
+        lines += ["", f"`{label}` calibration: for the candidates the walk tried (their parent "
+                  "accepted), the chance the tree search gave them (their kind's rate, less what "
+                  "likelier siblings took) vs how often they were accepted, by source and depth:", "",
                   "| source | depth | trials | predicted | observed |", "|---|--:|--:|--:|--:|"]
         lines += [f"| {r['source']} | {r['depth']} | {r['trials']} | {r['predicted']:.2f} | "
                   f"{r['observed']:.2f} |" for r in rows]

@@ -32,7 +32,7 @@ import copy
 import heapq
 import time
 import weakref
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -169,7 +169,9 @@ class Calibration:
         return (got[0] + self.WEIGHT * base) / (got[1] + self.WEIGHT)
 
     def record(self, key: tuple, accepted: bool, predicted: float | None = None) -> None:
-        """One trial of `key`; `predicted` is what the drafter estimated (by default, this p)."""
+        """One trial of `key`; `predicted` is the chance the search gave it (by default, this p):
+        beside likelier siblings that is less than its kind's rate, and the bench's calibration
+        table compares what the trees were built on."""
         predicted = self.p(key) if predicted is None else predicted
         if self.parent:
             self.parent.record(key, accepted, predicted)
@@ -259,11 +261,12 @@ class Racer(Drafter):
         self.table: CopyLogitTable | None = None
         self.shared = calibration or Calibration()  # the backend's, across requests
         self.calibration = Calibration(parent=self.shared)  # this request's (a session's, if kept)
-        self._keys: dict[tuple[int, ...], tuple] = {}  # draft path -> its candidate kind
+        self._keys: dict[tuple[int, ...], tuple[tuple, float]] = {}  # draft path -> (kind, chance)
         self._overhead = 0.0  # seconds of drafting per step (moving average)
         self._work = 0.0
         self._proposed_at = 0.0  # when the last tree left propose(): its verification starts
-        self._pending: list[tuple[int, tuple[int, ...], tuple]] = []  # (root position, path, kind)
+        # Candidates left out, scored later: (root position, path, (kind, chance)).
+        self._pending: list[tuple[int, tuple[int, ...], tuple[tuple, float]]] = []
 
     def begin(self, context: Sequence[int], rows: np.ndarray) -> None:
         """Index the context. A drafter kept across requests (a chat session) only indexes what
@@ -297,7 +300,7 @@ class Racer(Drafter):
         # (STALE), since later nodes are no likelier, or as soon as no bigger tree could beat
         # it even if every node still to come were as likely as the last (that changes no tree:
         # it only spares the search, most often when nothing pays and the root goes alone).
-        heap: list[tuple[float, int, tuple[int, ...], tuple]] = []
+        heap: list[tuple[float, int, tuple[int, ...], tuple, float]] = []
         chosen: list[tuple[int, ...]] = []
         path, p, token, tie = (), 1.0, root, 0
         rates: dict[tuple, float] = {}  # kind -> calibrated rate: fixed until observe()
@@ -308,13 +311,13 @@ class Racer(Drafter):
         while len(chosen) < limit and len(chosen) + 1 < 2 * size + self.STALE:
             for child, key, chance in self._chances(self._children(path, token, sources), rates):
                 tie += 1
-                heapq.heappush(heap, (-p * chance, tie, (*path, child), key))
+                heapq.heappush(heap, (-p * chance, tie, (*path, child), key, chance))
             if not heap:
                 break
-            neg_p, _, path, key = heapq.heappop(heap)
+            neg_p, _, path, key, chance = heapq.heappop(heap)
             p, token = -neg_p, path[-1]
             chosen.append(path)
-            self._keys[path] = key
+            self._keys[path] = key, chance
             expected += p
             n = len(chosen) + 1
             if n in costs and expected / costs[n] > best_rate:
@@ -347,9 +350,9 @@ class Racer(Drafter):
                 children.setdefault(prefix, {}).setdefault(token, [None, None])[0] = kind
         if self.config.copy:
             match, run = self.history.copy(root, self.config.copy_match, budget)
-            m = int(np.searchsorted(COPY_MATCH_EDGES, match, "right"))
+            m = bisect_right(COPY_MATCH_EDGES, match)
             for i, token in enumerate(run):
-                kind = (m, int(np.searchsorted(COPY_POS_EDGES, i + 1, "right")))
+                kind = (m, bisect_right(COPY_POS_EDGES, i + 1))
                 children.setdefault(tuple(run[:i]), {}).setdefault(token, [None, None])[1] = kind
         return children
 
@@ -369,7 +372,7 @@ class Racer(Drafter):
         anchors: list[int] = []
         for token, parent, score in nodes:
             prefix = paths[parent] if parent >= 0 else ()
-            anchor = anchors[parent] if parent >= 0 else int(np.searchsorted(ANCHOR_EDGES, score, "right"))
+            anchor = anchors[parent] if parent >= 0 else bisect_right(ANCHOR_EDGES, score)
             paths.append((*prefix, token))
             anchors.append(anchor)
             yield prefix, token, (anchor, score == best[parent])
@@ -417,9 +420,9 @@ class Racer(Drafter):
         on_path = set(path)
         for i in range(1, len(tree)):
             if tree.parents[i] in on_path:  # the walk reached this node's parent: it was tried
-                key = self._keys.get(self._path_of(tree, i))
-                if key is not None:
-                    self.calibration.record(key, i in on_path)
+                got = self._keys.get(self._path_of(tree, i))
+                if got is not None:
+                    self.calibration.record(got[0], i in on_path, got[1])
         self._keys.clear()
         if self.config.logits:
             self.table.update(tree.tokens, rows)
@@ -437,13 +440,13 @@ class Racer(Drafter):
         """Record the left-out candidates whose guessed span is now committed text, as tried
         (and accepted or not) where their parent would have been accepted."""
         text, n, still = self.history.tokens, self.history.n, []
-        for at, path, key in self._pending:
+        for at, path, (key, chance) in self._pending:
             if at + len(path) >= n:
-                still.append((at, path, key))
+                still.append((at, path, (key, chance)))
                 continue
             actual = text[at + 1 : at + 1 + len(path)].tolist()
             if actual[:-1] == list(path[:-1]):
-                self.calibration.record(key, actual[-1] == path[-1])
+                self.calibration.record(key, actual[-1] == path[-1], chance)
         self._pending = still[-4 * self.HINDSIGHT :]
 
     @staticmethod
