@@ -16,14 +16,19 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from racer_local.topk import TopK, best
 
-_HEAD = (256, 4096)  # top-p looks for its cut among the best few first, the whole row if need be
+# Top-p looks for its cut among the logits within a gap of the best first (a comparison over the
+# row, where a partition costs milliseconds on a 262k vocabulary: median 3 tokens within 4 on
+# gemma-3-270m's sampled rows, 35 within 8), then among the best _HEAD, then the whole row.
+_GAPS = (4.0, 8.0, 16.0)
+_HEAD = 4096
+_BLOCK = 1024  # _draw sums the row in blocks this long before it looks inside one
 
 
 @dataclass
@@ -75,8 +80,7 @@ class Sampler:
             token = int(self._penalized(row).argmax())
         else:
             ids, weights = self._weights(row)
-            cdf = np.cumsum(weights, out=weights)
-            i = min(int(np.searchsorted(cdf, self._rng.random() * cdf[-1], side="right")), len(cdf) - 1)
+            i = _draw(weights, self._rng.random())
             token = i if ids is None else int(ids[i])
         self.accept(token)
         return token
@@ -125,22 +129,58 @@ class Sampler:
         if self.min_p > 0:
             keep = min(keep, int(np.count_nonzero(logits >= best + math.log(self.min_p))))
         if self.top_p >= 1:
-            ids = _top(logits, keep)
+            ids = _best(logits, best, keep)
             return ids, logits[ids]
         total = _mass(logits, best, k)
-        for head in (*(h for h in _HEAD if h < keep), keep):  # sort a short head when it suffices
-            ids = _top(logits, head)
+        for ids in _prefixes(logits, best, keep):
             cum = np.cumsum(np.exp(logits[ids].astype(np.float64) - best)) / total
-            if cum[-1] >= self.top_p or head == keep:
-                ids = ids[: min(int(np.searchsorted(cum, self.top_p)) + 1, head)]
+            if cum[-1] >= self.top_p or len(ids) == keep:
+                ids = ids[: min(int(np.searchsorted(cum, self.top_p)) + 1, len(ids))]
                 return ids, logits[ids]
-        raise AssertionError("unreachable")
+        raise AssertionError("unreachable: the last prefix is keep long")
+
+
+def _draw(weights: np.ndarray, u: float) -> int:
+    """The index where the cumulative weight first passes u times the total (inverse CDF).
+
+    Block sums first, then the cumulative sum inside one block: a float64 cumulative sum
+    over gemma's 262k weights costs 1 ms, this a fifth of it.
+    """
+    starts = np.arange(0, len(weights), _BLOCK)
+    cum = np.cumsum(np.add.reduceat(weights, starts))
+    target = u * cum[-1]
+    b = min(int(np.searchsorted(cum, target, side="right")), len(cum) - 1)
+    inner = np.cumsum(weights[starts[b] : starts[b] + _BLOCK])
+    i = int(np.searchsorted(inner, target - (cum[b - 1] if b else 0.0), side="right"))
+    return int(starts[b]) + min(i, len(inner) - 1)
 
 
 def _top(logits: np.ndarray, k: int) -> np.ndarray:
     """Ids of the k largest logits, largest first, ties broken by the smaller id."""
     ids = np.arange(len(logits)) if k >= len(logits) else np.argpartition(logits, -k)[-k:]
+    return _ordered(ids, logits)
+
+
+def _ordered(ids: np.ndarray, logits: np.ndarray) -> np.ndarray:
     return ids[np.lexsort((ids, -logits[ids]))]
+
+
+def _prefixes(logits: np.ndarray, best: float, keep: int) -> Iterator[np.ndarray]:
+    """Ever longer prefixes of the row's ids sorted best first, the last one `keep` long.
+
+    Every token within a gap of the best, in order, is such a prefix (ties included), so
+    these come first while they are short.
+    """
+    for gap in _GAPS:
+        near = np.flatnonzero(logits >= best - gap)
+        if len(near) > _HEAD:
+            break
+        yield _ordered(near, logits)[:keep]
+        if len(near) >= keep:
+            return
+    if _HEAD < keep:
+        yield _top(logits, _HEAD)
+    yield _top(logits, keep)
 
 
 def _mass(logits: np.ndarray, best: float, k: int) -> float:
@@ -150,8 +190,13 @@ def _mass(logits: np.ndarray, best: float, k: int) -> float:
     computes them), summed in float64: for gemma-3-270m's 262k vocabulary this made a sampled
     token 2 ms cheaper than float64 throughout.
     """
-    vals = logits if k >= len(logits) else logits[np.argpartition(logits, -k)[-k:]]
+    vals = logits if k >= len(logits) else logits[_best(logits, best, k)]
     return float(np.exp(vals - np.float32(best), dtype=np.float32).sum(dtype=np.float64))
+
+
+def _best(logits: np.ndarray, best: float, k: int) -> np.ndarray:
+    """Ids of the k largest logits (the first prefix at least k long)."""
+    return next(ids for ids in _prefixes(logits, best, k) if len(ids) == k)
 
 
 class Replay:

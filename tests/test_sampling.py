@@ -90,6 +90,35 @@ def test_the_distribution_is_llama_cpps_chain(settings, vocab):
         np.testing.assert_allclose(full(sampler, row), reference(row, recent, **settings), atol=1e-9)
 
 
+def shaped_row(tail: int, gap: float, vocab: int = 20000) -> np.ndarray:
+    """A peaked row: three leading tokens, `tail` tokens `gap` below the best, the rest far below."""
+    row = np.full(vocab, -40.0, dtype=np.float32)
+    ids = np.random.default_rng(tail).permutation(vocab)
+    row[ids[:3]] = [0.0, -0.5, -1.0]
+    row[ids[3 : 3 + tail]] = -gap - np.linspace(0, 0.5, tail)
+    return row
+
+
+# Where top-p's cut falls: among the tokens within 4 of the best, within 8, within 16, past 16
+# but among the best 4096, and among more tokens than that.
+@pytest.mark.parametrize("tail, gap", [(10, 3.0), (200, 6.0), (3000, 12.0), (3000, 18.0), (8000, 12.0),
+                                       (8000, 18.0)])
+@pytest.mark.parametrize("settings", [dict(top_p=0.99), dict(top_p=0.9999), dict(top_p=0.999999),
+                                      dict(top_k=500, top_p=0.9999), dict(min_p=1e-6), dict(top_k=2500)])
+def test_each_place_top_p_finds_its_cut_gives_the_chain(tail, gap, settings):
+    row = shaped_row(tail, gap)
+    sampler = Sampler(0.8, **settings, seed=0)
+    np.testing.assert_allclose(full(sampler, row), reference(row, temperature=0.8, **settings), atol=1e-9)
+
+
+def test_draws_over_a_whole_vocabulary_follow_the_distribution():
+    row = np.random.default_rng(4).normal(size=5000).astype(np.float32)  # five blocks of the draw's sums
+    sampler = Sampler(1.0, seed=0)
+    probs = full(sampler, row)
+    counts = np.bincount([sampler(row) for _ in range(50000)], minlength=5000).reshape(50, 100).sum(axis=1)
+    assert scistats.chisquare(counts, 50000 * probs.reshape(50, 100).sum(axis=1)).pvalue > ALPHA
+
+
 def test_hand_computed_truncations():
     row = np.log(np.array([0.5, 0.3, 0.15, 0.05], dtype=np.float32))
     three = np.array([0.5, 0.3, 0.15, 0]) / 0.95
