@@ -173,7 +173,7 @@ def _prefixes(logits: np.ndarray, best: float, keep: int) -> Iterator[np.ndarray
     """
     for gap in _GAPS:
         near = np.flatnonzero(logits >= best - gap)
-        if len(near) > _HEAD:
+        if not 0 < len(near) <= _HEAD:  # none: a NaN best, which the partition below still orders
             break
         yield _ordered(near, logits)[:keep]
         if len(near) >= keep:
