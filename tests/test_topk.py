@@ -42,6 +42,18 @@ def test_the_copy_logit_table_learns_the_same_from_either_kind():
     assert np.array_equal(a.ids, b.ids) and np.allclose(a.gaps, b.gaps)
 
 
+def test_the_copy_logit_table_answers_from_each_tokens_latest_row():
+    """Its candidates are kept between reads: an update must replace what a read kept."""
+    table, row = CopyLogitTable(50, 2), np.zeros((1, 50), dtype=np.float32)
+    assert table.candidates(3) == []  # never seen
+    row[0, [9, 4]] = 5.0, 1.0
+    table.update([3], row)
+    assert [t for t, _ in table.candidates(3)] == [9, 4]
+    row[0, [9, 4, 20]] = 0.0, 0.0, 8.0
+    table.update(np.array([3]), row)  # token ids as numpy ints, as a prompt's are
+    assert [t for t, _ in table.candidates(3)][0] == 20
+
+
 def test_greedy_choosers_take_top_k_rows_and_samplers_refuse_them():
     full = _full(2)
     row = TopK(*topk.top(full, 4))[0]

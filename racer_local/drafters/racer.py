@@ -77,11 +77,16 @@ class RacerConfig:
 class CopyLogitTable:
     """next[token] -> the target's top-k after `token`, with each one's logit gap to the best."""
 
+    READ_CAP = 4096  # tokens whose candidates are kept read: a long session's stay bounded
+
     def __init__(self, n_vocab: int, k: int) -> None:
         # Zeroed, so the pages are the kernel's until written (a full fill cost 10 ms a request
         # for a 262k vocabulary); ids are stored plus one, 0 meaning "never seen".
         self.ids = np.zeros((n_vocab, k), dtype=np.int32)
         self.gaps = np.zeros((n_vocab, k), dtype=np.float32)
+        # token -> candidates(token), until its row changes: a search reads a token's
+        # candidates at each node it pops, and the next step's search pops most of them again.
+        self._read: dict[int, list[tuple[int, tuple]]] = {}
 
     def update(self, tokens: Sequence[int], rows) -> None:
         """Row i holds the target's logits (full or top-k) after input tokens[i]; later rows win."""
@@ -91,17 +96,24 @@ class CopyLogitTable:
         # Gap of candidate j: top[0] - top[j]; for the best one, its margin over the second.
         gaps = top[:, :1] - top
         gaps[:, 0] = top[:, 0] - top[:, 1]
+        for token in tokens:
+            self._read.pop(token, None)
         tokens = np.asarray(tokens, dtype=np.int64)
         self.ids[tokens] = ids + 1
         self.gaps[tokens] = gaps
 
     def candidates(self, token: int) -> list[tuple[int, tuple]]:
         """(child token, calibration key) pairs, best first; none if `token` was never seen."""
-        ids = self.ids[token].tolist()
-        if ids[0] == 0:
-            return []
-        gaps = self.gaps[token].tolist()  # bucketed in Python: numpy's call costs more for 8 values
-        return [(t - 1, (min(j, 3), bisect_left(GAP_EDGES, g))) for j, (t, g) in enumerate(zip(ids, gaps))]
+        got = self._read.get(token)
+        if got is None:
+            ids = self.ids[token].tolist()
+            gaps = self.gaps[token].tolist()  # bucketed in Python: numpy's call costs more for 8 values
+            got = [] if ids[0] == 0 else [(t - 1, (min(j, 3), bisect_left(GAP_EDGES, g)))
+                                          for j, (t, g) in enumerate(zip(ids, gaps))]
+            if len(self._read) >= self.READ_CAP:
+                self._read.clear()
+            self._read[token] = got
+        return got
 
 
 class Calibration:
