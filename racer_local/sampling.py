@@ -26,8 +26,12 @@ from racer_local.topk import TopK, best
 # Top-p looks for its cut among the logits within a gap of the best first (a comparison over the
 # row, where a partition costs milliseconds on a 262k vocabulary: median 3 tokens within 4 on
 # gemma-3-270m's sampled rows, 35 within 8), then among the best _HEAD, then the whole row.
-_GAPS = (4.0, 8.0, 16.0)
-_HEAD = 4096
+# Flat rows hold thousands within 8 and their nucleus often reaches past 8: finer gaps and a
+# longer head keep them off the partition and the whole-row sort (328 rows of gemma-3-270m at
+# temperature 0.8, top-p 0.95, same draws: mean 1.24 -> 0.57 ms a token, 90th percentile
+# 4.02 -> 0.86, worst 39.9 -> 1.7; the gaps 4, 8, 16 and a 4,096 head before).
+_GAPS = (4.0, 6.0, 8.0, 10.0, 12.0, 16.0)
+_HEAD = 16384
 _BLOCK = 1024  # _draw sums the row in blocks this long before it looks inside one
 
 

@@ -99,10 +99,10 @@ def shaped_row(tail: int, gap: float, vocab: int = 20000) -> np.ndarray:
     return row
 
 
-# Where top-p's cut falls: among the tokens within 4 of the best, within 8, within 16, past 16
-# but among the best 4096, and among more tokens than that.
-@pytest.mark.parametrize("tail, gap", [(10, 3.0), (200, 6.0), (3000, 12.0), (3000, 18.0), (8000, 12.0),
-                                       (8000, 18.0)])
+# Where top-p's cut falls: among the tokens within each gap of the best (4, 6, ... 16), past 16
+# but among the best _HEAD, and among more tokens than that.
+@pytest.mark.parametrize("tail, gap", [(10, 3.0), (200, 5.0), (500, 9.0), (3000, 12.0), (3000, 18.0),
+                                       (8000, 12.0), (8000, 18.0), (18000, 12.0), (18000, 18.0)])
 @pytest.mark.parametrize("settings", [dict(top_p=0.99), dict(top_p=0.9999), dict(top_p=0.999999),
                                       dict(top_k=500, top_p=0.9999), dict(min_p=1e-6), dict(top_k=2500)])
 def test_each_place_top_p_finds_its_cut_gives_the_chain(tail, gap, settings):
