@@ -284,6 +284,8 @@ def test_the_drafts_worth_prices_each_step_by_the_cost_curve():
     m = {"generated_tokens": 11, "tree_sizes": {"1": 3, "4": 2}}
     assert bench_report.curve_speedup(m, curve) == pytest.approx(11 / 8)
     assert bench_report.curve_speedup({"generated_tokens": 5, "tree_sizes": {}}, curve) is None
+    curve["long_relative"] = [1.0, 2.0, 3.0]  # after a long context: 3 x 1.0 + 2 x 3.0 = 9 units
+    assert bench_report.curve_speedup(m, curve, "long_relative") == pytest.approx(11 / 9)
     stats = Stats()
     for drafted, tokens in ((0, [1]), (3, [1, 2, 3, 4]), (3, [1, 2])):
         stats.add(Step(tokens, drafted, False))
