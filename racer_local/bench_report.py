@@ -122,21 +122,20 @@ def _host_table(summary: dict) -> list[str]:
     return lines
 
 
-def _curve_rows(curve: dict) -> list[tuple[int | None, str]]:
-    """(context, key) of each row of t(N)/t(1) the curve has: one, or a short and a long context's."""
+def _curve_rows(curve: dict) -> list[tuple[str, str]]:
+    """(where, key) of each row of t(N)/t(1) the curve has: one (where ""), or a short and a
+    long context's (where " after N tokens")."""
     if not curve.get("long_relative"):
-        return [(None, "relative")]
+        return [("", "relative")]
     short, long = curve["contexts"]
-    return [(short, "relative"), (long, "long_relative")]
+    return [(f" after {short} tokens", "relative"), (f" after {long} tokens", "long_relative")]
 
 
 def _cost_table(curve: dict) -> list[str]:
     sizes = [n for n in (1, 2, 4, 8, 12, 16, 24, 32) if n in curve["sizes"]]
     table = []
-    for i, (context, key) in enumerate(_curve_rows(curve)):
-        name = f"after {context} tokens" if context else ""
-        if i == 0:
-            name = f"t(N)/t(1) {name}".rstrip()
+    for i, (where, key) in enumerate(_curve_rows(curve)):
+        name = (("t(N)/t(1)" if i == 0 else "") + where).strip()
         rel = dict(zip(curve["sizes"], curve[key], strict=True))
         table.append(f"| {name} | " + " | ".join(f"{rel[n]:.2f}" for n in sizes) + " |")
     return ["", "Cost of verifying N tokens in one batch relative to one (this machine):", "",
@@ -161,13 +160,13 @@ def _worth(summary: dict, curve: dict) -> list[str]:
     contexts, and the long one is the closer (gemma-3-270m, greedy: verification times fitted
     per tree size gave t(16)/t(1) 6.2-6.4, the curve 5.44 after 64 tokens and 6.21 after 1,024)."""
     parts = []
-    for context, key in _curve_rows(curve):
+    for where, key in _curve_rows(curve):
         worth = {label: curve_speedup(by["overall"], curve, key)
                  for label, by in summary.items() if label != BASELINE}
         worth = {label: w for label, w in worth.items() if w is not None}
         if worth:
-            name = "that curve" + (f" after {context} tokens" if context else "")
-            parts.append(f"priced by {name}: " + ", ".join(f"{label} {w:.2f}x" for label, w in worth.items()))
+            priced = ", ".join(f"{label} {w:.2f}x" for label, w in worth.items())
+            parts.append(f"priced by that curve{where}: {priced}")
     if not parts:
         return []
     return ["", "The same steps (tokens over the sum of t(N)/t(1), the tree sizes the methods verified) "
