@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from racer_local import bench_methods as methods_
-from racer_local import bench_report, topk
+from racer_local import bench_report, headroom, topk
 from racer_local import bench_suites as suites
 from racer_local.bench_methods import BASELINE, LLAMA_CPP, Turn, peer_cpu_seconds
 from racer_local.bench_report import BUSY
@@ -202,6 +202,17 @@ def _totals(runs: list[Run]) -> Stats:
         for n, steps in t.stats.tree_sizes.items():
             total.tree_sizes[n] = total.tree_sizes.get(n, 0) + steps
     return total
+
+
+def draftable_lengths(results: dict[str, dict[str, Run]], longest: int) -> dict[str, dict]:
+    """{prompt id: {"draftable": per turn of ar's text, headroom.draftable's lengths}} for the
+    report's bound; prompts where ar failed are left out."""
+    out = {}
+    for pid, runs in results.items():
+        ar = runs.get(BASELINE)
+        if ar is not None and ar.error is None:
+            out[pid] = {"draftable": [headroom.draftable(t.prompt, t.tokens, longest) for t in ar.turns]}
+    return out
 
 
 def _rate(amount: float, seconds: float) -> float:
@@ -395,9 +406,11 @@ def run(*, model, threads, n_ctx, n_gpu_layers, suite: str, data_dir, methods: l
         finally:
             for runner in runners.values():
                 runner.close()
+        draftable = {}
         if sampling["temperature"] == 0:  # greedy: every method should give ar's tokens
             for runs in results.values():
                 compare_greedy(engine, runs)
+            draftable = draftable_lengths(results, curve["sizes"][-1] - 1)
         env = {**environment(engine), "native_index": ngram.NATIVE, **peer}
         calibration = {label: calibration_table(shared_calibration(engine.backend, method,
                                                                    sampling["temperature"] == 0))
@@ -415,7 +428,7 @@ def run(*, model, threads, n_ctx, n_gpu_layers, suite: str, data_dir, methods: l
         "failures": sum(m["overall"]["failed"] for m in summary.values()),
         # Prompts by id and turn count, not their text: the suites' data stays in their files.
         "prompts": {p.id: {"suite": p.suite, "category": p.category, "n_turns": len(p.turns),
-                           "cpu_share": cpu_share[p.id],
+                           "cpu_share": cpu_share[p.id], **draftable.get(p.id, {}),
                            "runs": {k: _run_json(r) for k, r in results[p.id].items()}}
                     for p in prompts},
     }

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from racer_local import headroom
 from racer_local.bench_methods import BASELINE, LLAMA_CPP
 from racer_local.stats import PARTS
 
@@ -33,6 +34,7 @@ def report(data: dict) -> str:
                   "(about 1.00 when the binding costs nothing)."]
     lines += _host_table(data["summary"])
     lines += _cost_table(data["cost_curve"]) + _worth(data["summary"], data["cost_curve"])
+    lines += _bound_table(data)
     lines += _calibration_tables(data.get("calibration") or {})
     notes = _notes(data)
     if notes:
@@ -173,6 +175,45 @@ def _worth(summary: dict, curve: dict) -> list[str]:
             + "; ".join(parts) + ". That is what the drafts were worth, free of machine noise; the "
             "measured speedups differ from it by what the steps cost beyond the curve (host work, "
             "and contexts other than the curve's)."]
+
+
+def _bound_table(data: dict) -> list[str]:
+    """Per category, the bound on what the copy and retrieval sources could give on `ar`'s text
+    (headroom.py) beside each of racer-local's methods priced alike, both by the curve's last
+    row (the long context's, the closer: see _worth)."""
+    curve, summary = data["cost_curve"], data["summary"]
+    texts = [(p["category"], lengths) for p in data["prompts"].values() for lengths in p.get("draftable", [])]
+    if not texts:
+        return []
+    where, key = _curve_rows(curve)[-1]
+
+    def relative(n: int) -> float:
+        return float(np.interp(n, curve["sizes"], curve[key]))
+
+    totals: dict[str, list[float]] = {}
+    for category, lengths in texts:
+        for group in (category, "overall"):
+            got = totals.setdefault(group, [0, 0.0])
+            got[0] += len(lengths)
+            got[1] += headroom.cheapest(lengths, relative, curve["sizes"])
+    bound = {c: n / cost for c, (n, cost) in totals.items() if cost > 0}
+    labels = [label for label, by in summary.items()
+              if label != BASELINE and curve_speedup(by["overall"], curve, key) is not None]
+    lines = ["", "Bound on `ar`'s text: at every step the longest draft the copy source or the n-gram "
+             "index held that the target accepts, through the text at the least cost by the curve"
+             f"{where}, beside racer-local's methods priced by the same row. An oracle on racer's two "
+             "context sources; the copy-logit table is left out (its drafts depend on the rows "
+             "verified). Where a method is far below it, better trees would pay; where the bound "
+             "itself is low, only cheaper verification or other sources can:", "",
+             "| category | bound |" + "".join(f" {label} |" for label in labels),
+             "|---|--:|" + "--:|" * len(labels)]
+    for c in [*dict.fromkeys(category for category, _ in texts), "overall"]:
+        cells = [curve_speedup(summary[label]["overall"] if c == "overall"
+                               else summary[label]["categories"][c], curve, key) for label in labels]
+        name = "**overall**" if c == "overall" else c
+        lines.append(f"| {name} |" + "".join(" - |" if x is None else f" {x:.2f}x |"
+                                             for x in (bound.get(c), *cells)))
+    return lines
 
 
 def _calibration_tables(calibration: dict) -> list[str]:

@@ -192,6 +192,18 @@ def test_the_three_files_exist_and_parse(bench_run):
     assert (out / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_greedy_runs_bound_each_category_on_ars_text(bench_run):
+    out, data = bench_run
+    for p in data["prompts"].values():
+        ar = p["runs"]["ar"]["turns"]
+        assert [len(lengths) for lengths in p["draftable"]] == [len(t["tokens"]) for t in ar]
+    report = (out / "report.md").read_text()
+    table = report.split("Bound on `ar`'s text")[1].split("\n\n")[1].splitlines()
+    assert table[0] == "| category | bound | ar#2 | pld |"  # our methods with steps; not the failing one
+    bound = float(table[-1].split(" | ")[1].rstrip("x"))
+    assert table[-1].startswith("| **overall** |") and bound >= 1.0
+
+
 def test_the_host_breakdown_covers_our_methods_not_opaque_ones(bench_run):
     out, data = bench_run
     summary = data["summary"]
