@@ -147,13 +147,18 @@ def _cost_table(curve: dict) -> list[str]:
             f"(N = {curve['ceiling_n']})."]
 
 
+def _relative(curve: dict, key: str, n: int) -> float:
+    """t(n)/t(1) from the curve's row `key` (measured sizes exactly, linear between)."""
+    return float(np.interp(n, curve["sizes"], curve[key]))
+
+
 def curve_speedup(m: dict, curve: dict, relative: str = "relative") -> float | None:
     """A method's decode speedup over `ar` had every step cost what the curve says for its tree
     (tokens over the sum of t(N)/t(1)): what its drafts were worth, with machine noise and every
     cost the curve leaves out removed. None for methods whose steps are not seen (llama-server).
     `relative`: which of the curve's rows prices them (the short context's or the long one's)."""
     sizes = {int(n): steps for n, steps in (m.get("tree_sizes") or {}).items()}  # JSON keys are strings
-    cost = sum(steps * float(np.interp(n, curve["sizes"], curve[relative])) for n, steps in sizes.items())
+    cost = sum(steps * _relative(curve, relative, n) for n, steps in sizes.items())
     return m["generated_tokens"] / cost if cost > 0 else None
 
 
@@ -186,16 +191,12 @@ def _bound_table(data: dict) -> list[str]:
     if not texts:
         return []
     where, key = _curve_rows(curve)[-1]
-
-    def relative(n: int) -> float:
-        return float(np.interp(n, curve["sizes"], curve[key]))
-
     totals: dict[str, list[float]] = {}
     for category, lengths in texts:
         for group in (category, "overall"):
             got = totals.setdefault(group, [0, 0.0])
             got[0] += len(lengths)
-            got[1] += headroom.cheapest(lengths, relative, curve["sizes"])
+            got[1] += headroom.cheapest(lengths, lambda n: _relative(curve, key, n), curve["sizes"])
     bound = {c: n / cost for c, (n, cost) in totals.items() if cost > 0}
     labels = [label for label, by in summary.items()
               if label != BASELINE and curve_speedup(by["overall"], curve, key) is not None]
