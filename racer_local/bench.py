@@ -206,7 +206,8 @@ def _totals(runs: list[Run]) -> Stats:
 
 def draftable_lengths(results: dict[str, dict[str, Run]], longest: int) -> dict[str, dict]:
     """{prompt id: {"draftable": per turn of ar's text, headroom.draftable's lengths}} for the
-    report's bound; prompts where ar failed are left out."""
+    report's bound; prompts where ar failed are left out. Sampled, ar's text is one draw from
+    the distribution every method's text follows, not the text each of them committed."""
     out = {}
     for pid, runs in results.items():
         ar = runs.get(BASELINE)
@@ -406,11 +407,10 @@ def run(*, model, threads, n_ctx, n_gpu_layers, suite: str, data_dir, methods: l
         finally:
             for runner in runners.values():
                 runner.close()
-        draftable = {}
         if sampling["temperature"] == 0:  # greedy: every method should give ar's tokens
             for runs in results.values():
                 compare_greedy(engine, runs)
-            draftable = draftable_lengths(results, curve["sizes"][-1] - 1)
+        draftable = draftable_lengths(results, curve["sizes"][-1] - 1)
         env = {**environment(engine), "native_index": ngram.NATIVE, **peer}
         calibration = {label: calibration_table(shared_calibration(engine.backend, method,
                                                                    sampling["temperature"] == 0))

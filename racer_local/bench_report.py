@@ -184,8 +184,8 @@ def _worth(summary: dict, curve: dict) -> list[str]:
 
 def _bound_table(data: dict) -> list[str]:
     """Per category, the bound on what the copy and retrieval sources could give on `ar`'s text
-    (headroom.py) beside each of racer-local's methods priced alike, both by the curve's last
-    row (the long context's, the closer: see _worth)."""
+    (headroom.py; sampled, on its draw) beside each of racer-local's methods priced alike, both
+    by the curve's last row (the long context's, the closer: see _worth)."""
     curve, summary = data["cost_curve"], data["summary"]
     texts = [(p["category"], lengths) for p in data["prompts"].values() for lengths in p.get("draftable", [])]
     if not texts:
@@ -200,11 +200,16 @@ def _bound_table(data: dict) -> list[str]:
     bound = {c: n / cost for c, (n, cost) in totals.items() if cost > 0}
     labels = [label for label, by in summary.items()
               if label != BASELINE and curve_speedup(by["overall"], curve, key) is not None]
-    lines = ["", "Bound on `ar`'s text: at every step the longest draft the copy source or the n-gram "
-             "index held that the target accepts, through the text at the least cost by the curve"
-             f"{where}, beside racer-local's methods priced by the same row. An oracle on racer's two "
-             "context sources; the copy-logit table is left out (its drafts depend on the rows "
-             "verified). Where a method is far below it, better trees would pay; where the bound "
+    sampled = data["settings"]["temperature"] > 0
+    lines = ["", f"Bound on `ar`'s {'sampled ' if sampled else ''}text: at every step the longest draft "
+             "the copy source or the n-gram index held that the target accepts, through the text at "
+             f"the least cost by the curve{where}, beside racer-local's methods priced by the same row. "
+             "An oracle on racer's two context sources; the copy-logit table is left out (its drafts "
+             "depend on the rows verified). "
+             + ("Sampled, it also knows the draws, and each method samples its own text from the same "
+                "distribution (one seed, but the texts part where a batched row's last bits move a "
+                "draw), so a category's bound is that of one sample. " if sampled else "")
+             + "Where a method is far below it, better trees would pay; where the bound "
              "itself is low, only cheaper verification or other sources can:", "",
              "| category | bound |" + "".join(f" {label} |" for label in labels),
              "|---|--:|" + "--:|" * len(labels)]

@@ -1,13 +1,14 @@
 """What drafts from the context could have been worth at best: the bench's bound for a text.
 
-At every step of the target's own text (`ar`'s greedy tokens), the longest draft that the copy
+At every step of the target's own text (`ar`'s tokens), the longest draft that the copy
 source (prompt lookup's match) or the n-gram index held there and the target would have
 accepted; then the cheapest way through the text with drafts no longer than those, priced by the
 cost curve. That is an oracle which knows which drafts pass, drawing on the same two sources
 racer's trees do: a racer priced well below it leaves gains on the table (its estimates or its
 search), and a target above it cannot be met by better trees, only by cheaper verification or by
 other sources. The copy-logit table is left out, since its drafts depend on which rows the
-verifications computed; a racer above the bound gained from it.
+verifications computed; a racer above the bound gained from it. Sampled, the oracle knows the
+draws too, where a tree can only bet on the distribution, so the bound is further out of reach.
 """
 
 from __future__ import annotations

@@ -289,6 +289,24 @@ def test_same_text_pins_our_methods_to_ars_tokens(tmp_path, model_path):
                   out=tmp_path / "out2", command="", same_text=True)
 
 
+def test_sampled_runs_bound_on_ars_sampled_text(tmp_path, model_path):
+    """A user comparing sampled speedups sees what the context's drafts could have earned on a
+    sample of the same distribution, computed on the text ar drew."""
+    (tmp_path / "mgsm_zh.tsv").write_text("小明有3个苹果，又买了5个。他现在有几个苹果？\t8\n")
+    data = bench.run(model=model_path, threads=1, n_ctx=512, n_gpu_layers=0, suite="mgsm-zh",
+                     data_dir=tmp_path, methods=["ar", "pld"], limit=1, max_tokens=24,
+                     sampling={"temperature": 0.8, "top_p": 0.95, "seed": 7}, out=tmp_path / "out",
+                     command="", echo=lambda line: None)
+    (p,) = data["prompts"].values()
+    ar = p["runs"]["ar"]["turns"]
+    assert [len(lengths) for lengths in p["draftable"]] == [len(t["tokens"]) for t in ar]
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "it also knows the draws" in report
+    table = report.split("Bound on `ar`'s sampled text")[1].split("\n\n")[1].splitlines()
+    assert table[0] == "| category | bound | pld |"
+    assert table[-1].startswith("| **overall** |") and float(table[-1].split(" | ")[1].rstrip("x")) >= 1.0
+
+
 def test_the_drafts_worth_prices_each_step_by_the_cost_curve():
     curve = {"sizes": [1, 2, 4], "relative": [1.0, 2.0, 2.5]}
     # 3 one-node steps (3 tokens) and 2 four-node steps that committed 4 tokens each: 11 tokens
