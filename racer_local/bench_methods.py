@@ -90,7 +90,9 @@ class LlamaCppPythonPLD:
         gen = llm.generate(prompt, temp=sampling.get("temperature", 0.0),
                            top_k=sampling.get("top_k", 0), top_p=sampling.get("top_p", 1.0),
                            min_p=sampling.get("min_p", 0.0),
-                           repeat_penalty=sampling.get("repeat_penalty", 1.0))
+                           repeat_penalty=sampling.get("repeat_penalty", 1.0),
+                           frequency_penalty=sampling.get("frequency_penalty", 0.0),
+                           presence_penalty=sampling.get("presence_penalty", 0.0))
         try:
             token = next(gen)
             t1 = time.perf_counter()
@@ -172,6 +174,8 @@ class LlamaCppServer:
                   "top_p": sampling.get("top_p", 1.0), "min_p": sampling.get("min_p", 0.0),
                   "repeat_penalty": sampling.get("repeat_penalty", 1.0),
                   "repeat_last_n": sampling.get("repeat_last_n", 64),
+                  "frequency_penalty": sampling.get("frequency_penalty", 0.0),
+                  "presence_penalty": sampling.get("presence_penalty", 0.0),
                   "typical_p": 1.0, "xtc_probability": 0.0, "dry_multiplier": 0.0}
         if sampling.get("seed") is not None:
             fields["seed"] = sampling["seed"]

@@ -80,8 +80,16 @@ def sampling_options(fn):
             click.option("--repeat-penalty", type=click.FloatRange(min=0, min_open=True),
                          default=SAMPLING["repeat_penalty"], show_default=True,
                          help="Penalise tokens seen in the last --repeat-last-n tokens (1: off)."),
+            click.option("--frequency-penalty", type=click.FloatRange(-2, 2),
+                         default=SAMPLING["frequency_penalty"], show_default=True,
+                         help="Subtract this from a token's logit per time it occurs in the last "
+                              "--repeat-last-n tokens (0: off)."),
+            click.option("--presence-penalty", type=click.FloatRange(-2, 2),
+                         default=SAMPLING["presence_penalty"], show_default=True,
+                         help="Subtract this once from the logit of a token in the last --repeat-last-n "
+                              "tokens (0: off)."),
             click.option("--repeat-last-n", type=click.IntRange(min=0), default=SAMPLING["repeat_last_n"],
-                         show_default=True, help="Window of the repeat penalty, in tokens."),
+                         show_default=True, help="Window of the penalties, in tokens."),
             click.option("--seed", type=int,
                          help="Random seed for sampling (same seed, same output from a fresh model)."),
         ]

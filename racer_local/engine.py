@@ -63,6 +63,8 @@ class GenerationOptions:
     top_p: float = _SAMPLER["top_p"]
     min_p: float = _SAMPLER["min_p"]
     repeat_penalty: float = _SAMPLER["repeat_penalty"]
+    frequency_penalty: float = _SAMPLER["frequency_penalty"]
+    presence_penalty: float = _SAMPLER["presence_penalty"]
     repeat_last_n: int = _SAMPLER["repeat_last_n"]
     seed: int | None = _SAMPLER["seed"]
     stop: Sequence[str] = ()  # strings that end the generation (not included in the text)

@@ -87,10 +87,6 @@ def options(engine, body: Mapping, prompt_tokens: int) -> dict:
     """Engine generation options from an OpenAI request body, validated."""
     if not isinstance(body, Mapping):
         raise RequestError("the request body must be a JSON object")
-    for name in ("frequency_penalty", "presence_penalty"):
-        if _number(body, name, float, -2.0, 2.0):
-            raise RequestError(f"'{name}' is not supported: racer-local's sampler has llama.cpp's "
-                               "repeat_penalty instead (1.0 is off)", name, "unsupported_parameter")
     if (_number(body, "n", int, 1) or 1) != 1:
         raise RequestError("'n' must be 1: one choice per request", "n", "unsupported_parameter")
     for name in ("logprobs", "top_logprobs", "tools", "functions", "response_format"):
@@ -119,7 +115,8 @@ def options(engine, body: Mapping, prompt_tokens: int) -> dict:
     opts = {"max_tokens": max_tokens or room, "method": method, "stop": tuple(stop)}
     for name, kind, lo, hi in (("temperature", float, 0.0, 2.0), ("top_p", float, 0.0, 1.0),
                                ("top_k", int, 0, None), ("min_p", float, 0.0, 1.0),
-                               ("repeat_penalty", float, 0.0, None), ("seed", int, None, None)):
+                               ("repeat_penalty", float, 0.0, None), ("frequency_penalty", float, -2.0, 2.0),
+                               ("presence_penalty", float, -2.0, 2.0), ("seed", int, None, None)):
         value = _number(body, name, kind, lo, hi)
         if value is not None:
             opts[name] = value

@@ -7,9 +7,10 @@ comes from the i-th draw. Like llama.cpp's sampler chain, choosing a token also 
 the walk only asks at nodes it commits, so the sampler's repeat-penalty window is the
 context as it stands at that node, the tree path included.
 
-The transforms follow llama.cpp's order and rules: repeat penalty over the last
-`repeat_last_n` tokens, then top-k, top-p, min-p, then temperature. Left out: frequency and
-presence penalties, DRY, typical-p, XTC, mirostat and grammars.
+The transforms follow llama.cpp's order and rules: the penalties over the last
+`repeat_last_n` tokens (repeat, then frequency and presence, as llama-server applies the OpenAI
+API's two: over that window, where OpenAI counts the whole text), then top-k, top-p, min-p,
+then temperature. Left out: DRY, typical-p, XTC, mirostat and grammars.
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ class Sampler:
     top_p: float = 1.0  # keep the fewest most likely tokens whose mass reaches p; 1 = off
     min_p: float = 0.0  # keep tokens at least min_p times as likely as the best; 0 = off
     repeat_penalty: float = 1.0  # llama.cpp's rule (divide positive logits, multiply negative); 1 = off
-    repeat_last_n: int = 64  # the penalty window in tokens (llama.cpp's default)
+    frequency_penalty: float = 0.0  # minus this per occurrence in the window (llama.cpp's rule); 0 = off
+    presence_penalty: float = 0.0  # minus this once for a token in the window; 0 = off
+    repeat_last_n: int = 64  # the penalties' window in tokens (llama.cpp's default)
     seed: int | None = None  # None: a fresh random seed
     context: Sequence[int] = ()  # the tokens before the first choice (the prompt)
     _rng: np.random.Generator = field(init=False, repr=False)
@@ -59,6 +62,9 @@ class Sampler:
             raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
         if not (self.repeat_penalty > 0 and math.isfinite(self.repeat_penalty)):
             raise ValueError(f"repeat_penalty must be a finite number > 0, got {self.repeat_penalty}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.repeat_last_n < 0:
             raise ValueError(f"repeat_last_n must be >= 0, got {self.repeat_last_n}")
         self._rng = np.random.default_rng(self.seed)
@@ -72,13 +78,17 @@ class Sampler:
     def needs_full_rows(self) -> bool:
         """A draw needs the whole distribution and a penalty can move the argmax; plain greedy
         needs only the best token (a TopK row will do)."""
-        return not self.greedy or self.repeat_penalty != 1
+        return not self.greedy or self._penalizes
+
+    @property
+    def _penalizes(self) -> bool:
+        return self.repeat_penalty != 1 or self.frequency_penalty != 0 or self.presence_penalty != 0
 
     def __call__(self, row: np.ndarray | TopK) -> int:
         """Choose the next token from `row` and take it as committed."""
         if isinstance(row, TopK):
             if self.needs_full_rows:
-                raise ValueError("sampling and the repeat penalty need full logits rows, not top-k rows")
+                raise ValueError("sampling and the penalties need full logits rows, not top-k rows")
             token = best(row)
         elif self.greedy:
             token = int(self._penalized(row).argmax())
@@ -113,12 +123,14 @@ class Sampler:
         return ids, np.exp(z, out=z)
 
     def _penalized(self, row: np.ndarray) -> np.ndarray:
-        if self.repeat_penalty == 1 or not self._recent:
+        if not self._penalizes or not self._recent:
             return row
-        ids = np.fromiter(set(self._recent), dtype=np.int64)
+        ids, counts = np.unique(np.fromiter(self._recent, dtype=np.int64), return_counts=True)
         out = row.copy()  # never write into the caller's row: it may be llama.cpp's buffer
         vals = out[ids]
-        out[ids] = np.where(vals <= 0, vals * self.repeat_penalty, vals / self.repeat_penalty)
+        if self.repeat_penalty != 1:
+            vals = np.where(vals <= 0, vals * self.repeat_penalty, vals / self.repeat_penalty)
+        out[ids] = vals - (counts * self.frequency_penalty + self.presence_penalty)
         return out
 
     def _truncated(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

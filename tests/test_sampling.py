@@ -13,6 +13,7 @@ must fail the same tests. A real-model smoke test closes the file.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,12 +35,14 @@ N = 5000  # generations per method
 # ----- a reference implementation of llama.cpp's sampler chain ------------------------------------
 
 
-def reference(row, recent=(), *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.0):
+def reference(row, recent=(), *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.0,
+              frequency_penalty=0.0, presence_penalty=0.0):
     """Full-vocabulary probabilities, written as plainly as llama.cpp's samplers describe them:
     penalties, top-k, top-p, min-p, temperature, on candidates sorted best first."""
     logits = np.asarray(row, dtype=np.float64).copy()
-    for t in set(recent):
+    for t, count in Counter(recent).items():
         logits[t] = logits[t] * repeat_penalty if logits[t] <= 0 else logits[t] / repeat_penalty
+        logits[t] -= count * frequency_penalty + presence_penalty
     cand = sorted(range(len(logits)), key=lambda i: (-logits[i], i))
     if top_k:
         cand = cand[:top_k]
@@ -76,6 +79,8 @@ SETTINGS = [
     dict(temperature=0.7, top_k=20, top_p=0.9, min_p=0.05),
     dict(temperature=1.0, top_k=3, top_p=0.99, min_p=0.3, repeat_penalty=1.5),
     dict(temperature=1.0, repeat_penalty=2.0),
+    dict(temperature=0.9, top_p=0.95, frequency_penalty=0.7, presence_penalty=0.4),
+    dict(temperature=1.0, repeat_penalty=1.3, frequency_penalty=-0.5, presence_penalty=1.5),
 ]
 
 
@@ -140,6 +145,20 @@ def test_the_repeat_penalty_follows_llama_cpps_rule():
     assert row.tolist() == [2.0, -1.0, 0.5, pytest.approx(1.2)]  # the caller's row is untouched
 
 
+def test_frequency_and_presence_penalties_follow_llama_cpps_rule():
+    row = np.array([2.0, -1.0, 0.5, 1.2], dtype=np.float32)
+    # Token 1 was seen twice, token 0 once: minus count x 0.5 and then 0.25 once each.
+    logits = np.array([2.0 - 0.5 - 0.25, -1.0 - 1.0 - 0.25, 0.5, 1.2])
+    sampler = Sampler(1.0, frequency_penalty=0.5, presence_penalty=0.25, context=[0, 1, 1])
+    assert full(sampler, row) == pytest.approx(np.exp(logits) / np.exp(logits).sum())
+    # With the repeat penalty they come after it, as in llama.cpp: 2.0 / 2 - 0.5 = 0.5.
+    both = Sampler(1.0, repeat_penalty=2.0, frequency_penalty=0.5, context=[0])
+    assert full(both, row)[0] == pytest.approx(np.exp(0.5) / np.exp([0.5, -1.0, 0.5, 1.2]).sum())
+    assert Sampler(0.0, presence_penalty=1.0, context=[0])(row) == 3  # greedy too: 1.0 < 1.2
+    assert Sampler(0.0, presence_penalty=1.0, repeat_last_n=0, context=[0])(row) == 0  # no window
+    assert row.tolist() == [2.0, -1.0, 0.5, pytest.approx(1.2)]
+
+
 def test_the_penalty_window_slides_over_the_tokens_chosen():
     row = np.array([3.0, 2.9, 0.0], dtype=np.float32)
     sampler = Sampler(0.0, repeat_penalty=2.0, repeat_last_n=2, context=[2, 2, 0])
@@ -183,7 +202,9 @@ def test_single_row_draws_follow_the_distribution():
     "settings, message",
     [(dict(temperature=-1), "temperature"), (dict(top_k=-1), "top_k"), (dict(top_p=0), "top_p"),
      (dict(min_p=1), "min_p"), (dict(repeat_penalty=0), "repeat_penalty"),
-     (dict(repeat_last_n=-1), "repeat_last_n"), (dict(temperature=math.nan), "temperature")],
+     (dict(repeat_last_n=-1), "repeat_last_n"), (dict(temperature=math.nan), "temperature"),
+     (dict(frequency_penalty=math.inf), "frequency_penalty"),
+     (dict(presence_penalty=math.nan), "presence_penalty")],
 )
 def test_bad_settings_are_refused(settings, message):
     with pytest.raises(ValueError, match=message):
@@ -195,7 +216,8 @@ def test_bad_settings_are_refused(settings, message):
 V = 12
 PROMPT = [3, 1, 4, 1, 5]
 TABLE = np.random.default_rng(42).normal(size=(V, V, V)).astype(np.float32) * 1.5
-OPTIONS = dict(temperature=0.9, top_k=8, top_p=0.95, min_p=0.03, repeat_penalty=1.8, repeat_last_n=4)
+OPTIONS = dict(temperature=0.9, top_k=8, top_p=0.95, min_p=0.03, repeat_penalty=1.8, frequency_penalty=0.3,
+               presence_penalty=0.2, repeat_last_n=4)
 
 
 def toy_logits(ctx) -> np.ndarray:

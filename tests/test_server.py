@@ -82,6 +82,20 @@ def test_seed_reproducibility(client):
     assert sample() == sample()
 
 
+def test_frequency_and_presence_penalties_reach_the_sampler(client):
+    """Chat apps send OpenAI's two penalties: they change what the model picks, here its greedy
+    choice on a prompt that invites repeating itself ("apple, banana," again without them)."""
+    prompt = "List some fruits: apple, banana, apple, banana,"
+
+    def complete(**penalties):
+        return client.completions.create(model="any", prompt=prompt, max_tokens=8, temperature=0,
+                                         **penalties).choices[0].text
+
+    plain = complete()
+    assert complete(frequency_penalty=2.0) != plain and complete(presence_penalty=2.0) != plain
+    assert complete(frequency_penalty=0.0, presence_penalty=0.0) == plain
+
+
 BAD = [
     (b"{not json", "invalid_json"),
     (json.dumps({"model": "m"}), "messages"),
@@ -91,8 +105,8 @@ BAD = [
     (json.dumps({"messages": [{"role": "user", "content": "x"}], "max_tokens": 10**9}), "max_tokens"),
     (json.dumps({"messages": [{"role": "user", "content": "word " * 3000}]}), "context"),
     (json.dumps({"messages": [{"role": "user", "content": "x"}], "method": "magic"}), "method"),
-    (json.dumps({"messages": [{"role": "user", "content": "x"}], "frequency_penalty": 0.5}),
-     "repeat_penalty"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}], "frequency_penalty": 2.5}),
+     "frequency_penalty"),
     (json.dumps({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}), "temperature"),
     (json.dumps([1, 2]), "JSON object"),
 ]

@@ -59,7 +59,8 @@ def test_greedy_choosers_take_top_k_rows_and_samplers_refuse_them():
     row = TopK(*topk.top(full, 4))[0]
     assert Sampler()(row) == int(full[0].argmax())
     assert Replay([5])(row) == 5 and Replay([])(row) == int(full[0].argmax())
-    for settings in (dict(temperature=0.8), dict(repeat_penalty=1.1)):
+    for settings in (dict(temperature=0.8), dict(repeat_penalty=1.1), dict(frequency_penalty=0.5),
+                     dict(presence_penalty=-0.5)):
         with pytest.raises(ValueError, match="need full logits rows"):
             Sampler(**settings)(row)
     assert not Sampler().needs_full_rows and Sampler(temperature=0.7).needs_full_rows
