@@ -65,6 +65,7 @@ class GenerationOptions:
     repeat_penalty: float = _SAMPLER["repeat_penalty"]
     frequency_penalty: float = _SAMPLER["frequency_penalty"]
     presence_penalty: float = _SAMPLER["presence_penalty"]
+    logit_bias: Mapping[int, float] | Sequence[tuple[int, float]] = _SAMPLER["logit_bias"]
     repeat_last_n: int = _SAMPLER["repeat_last_n"]
     seed: int | None = _SAMPLER["seed"]
     stop: Sequence[str] = ()  # strings that end the generation (not included in the text)

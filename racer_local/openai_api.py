@@ -120,11 +120,36 @@ def options(engine, body: Mapping, prompt_tokens: int) -> dict:
         value = _number(body, name, kind, lo, hi)
         if value is not None:
             opts[name] = value
+    bias = _logit_bias(body.get("logit_bias"), engine.backend.n_vocab)
+    if bias:
+        opts["logit_bias"] = bias
     if opts.get("top_p") == 0.0:
         raise RequestError("'top_p' must be above 0", "top_p")
     if opts.get("repeat_penalty") == 0.0:
         raise RequestError("'repeat_penalty' must be above 0 (1.0 is off)", "repeat_penalty")
     return opts
+
+
+def _logit_bias(value, n_vocab: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias from -100 to 100}, as (token, bias) pairs."""
+    if value is None:
+        return ()
+    problem = "'logit_bias' must map token ids (strings of integers) to numbers from -100 to 100"
+    if not isinstance(value, Mapping):
+        raise RequestError(problem, "logit_bias")
+    pairs = []
+    for key, bias in value.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            raise RequestError(f"{problem}, got the key {key!r}", "logit_bias") from None
+        if not 0 <= token < n_vocab:
+            raise RequestError(f"'logit_bias' names token {token}, but the model's vocabulary has "
+                               f"{n_vocab} tokens (ids 0 to {n_vocab - 1})", "logit_bias")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+            raise RequestError(f"{problem}, got {bias!r} for token {token}", "logit_bias")
+        pairs.append((token, float(bias)))
+    return tuple(pairs)
 
 
 def _messages(body: Mapping) -> list[dict]:

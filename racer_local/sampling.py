@@ -7,7 +7,7 @@ comes from the i-th draw. Like llama.cpp's sampler chain, choosing a token also 
 the walk only asks at nodes it commits, so the sampler's repeat-penalty window is the
 context as it stands at that node, the tree path included.
 
-The transforms follow llama.cpp's order and rules: the penalties over the last
+The transforms follow llama.cpp's order and rules: the logit bias, the penalties over the last
 `repeat_last_n` tokens (repeat, then frequency and presence, as llama-server applies the OpenAI
 API's two: over that window, where OpenAI counts the whole text), then top-k, top-p, min-p,
 then temperature. Left out: DRY, typical-p, XTC, mirostat and grammars.
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,6 +46,9 @@ class Sampler:
     frequency_penalty: float = 0.0  # minus this per occurrence in the window (llama.cpp's rule); 0 = off
     presence_penalty: float = 0.0  # minus this once for a token in the window; 0 = off
     repeat_last_n: int = 64  # the penalties' window in tokens (llama.cpp's default)
+    # Added to a token's logit before anything else, as llama.cpp's logit_bias (-inf bans it):
+    # {token id: bias} or (token id, bias) pairs, a later pair winning.
+    logit_bias: Mapping[int, float] | Sequence[tuple[int, float]] = ()
     seed: int | None = None  # None: a fresh random seed
     context: Sequence[int] = ()  # the tokens before the first choice (the prompt)
     _rng: np.random.Generator = field(init=False, repr=False)
@@ -65,6 +68,11 @@ class Sampler:
         for name in ("frequency_penalty", "presence_penalty"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
+        bias = dict(self.logit_bias.items() if isinstance(self.logit_bias, Mapping) else self.logit_bias)
+        self._bias_ids = np.array([int(t) for t in bias], dtype=np.int64)
+        self._bias = np.array(list(bias.values()), dtype=np.float32)
+        if (self._bias_ids < 0).any() or np.isnan(self._bias).any():
+            raise ValueError(f"logit_bias takes token ids >= 0 and biases that are numbers, got {bias}")
         if self.repeat_last_n < 0:
             raise ValueError(f"repeat_last_n must be >= 0, got {self.repeat_last_n}")
         self._rng = np.random.default_rng(self.seed)
@@ -78,11 +86,12 @@ class Sampler:
     def needs_full_rows(self) -> bool:
         """A draw needs the whole distribution and a penalty can move the argmax; plain greedy
         needs only the best token (a TopK row will do)."""
-        return not self.greedy or self._penalizes
+        return not self.greedy or self._adjusts
 
     @property
-    def _penalizes(self) -> bool:
-        return self.repeat_penalty != 1 or self.frequency_penalty != 0 or self.presence_penalty != 0
+    def _adjusts(self) -> bool:
+        return (self.repeat_penalty != 1 or self.frequency_penalty != 0 or self.presence_penalty != 0
+                or len(self._bias_ids) > 0)
 
     def __call__(self, row: np.ndarray | TopK) -> int:
         """Choose the next token from `row` and take it as committed."""
@@ -91,7 +100,7 @@ class Sampler:
                 raise ValueError("sampling and the penalties need full logits rows, not top-k rows")
             token = best(row)
         elif self.greedy:
-            token = int(self._penalized(row).argmax())
+            token = int(self._adjusted(row).argmax())
         else:
             ids, weights = self._weights(row)
             i = _draw(weights, self._rng.random())
@@ -113,7 +122,7 @@ class Sampler:
 
     def _weights(self, row: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
         """Unnormalised float64 probabilities, and their ids (None: the whole row, by id)."""
-        logits = self._penalized(row)
+        logits = self._adjusted(row)
         ids = None
         if self.top_k or self.top_p < 1 or self.min_p > 0:
             ids, logits = self._truncated(logits)
@@ -122,11 +131,19 @@ class Sampler:
         z /= self.temperature
         return ids, np.exp(z, out=z)
 
-    def _penalized(self, row: np.ndarray) -> np.ndarray:
-        if not self._penalizes or not self._recent:
+    def _adjusted(self, row: np.ndarray) -> np.ndarray:
+        """The row after the logit bias and the penalties."""
+        if not self._adjusts:
             return row
-        ids, counts = np.unique(np.fromiter(self._recent, dtype=np.int64), return_counts=True)
         out = row.copy()  # never write into the caller's row: it may be llama.cpp's buffer
+        if len(self._bias_ids):
+            if self._bias_ids.max() >= len(row):
+                raise ValueError(f"logit_bias names token {self._bias_ids.max()}, but the vocabulary has "
+                                 f"{len(row)} tokens")
+            out[self._bias_ids] += self._bias
+        if not self._recent:
+            return out
+        ids, counts = np.unique(np.fromiter(self._recent, dtype=np.int64), return_counts=True)
         vals = out[ids]
         if self.repeat_penalty != 1:
             vals = np.where(vals <= 0, vals * self.repeat_penalty, vals / self.repeat_penalty)

@@ -36,10 +36,12 @@ N = 5000  # generations per method
 
 
 def reference(row, recent=(), *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.0,
-              frequency_penalty=0.0, presence_penalty=0.0):
+              frequency_penalty=0.0, presence_penalty=0.0, logit_bias=()):
     """Full-vocabulary probabilities, written as plainly as llama.cpp's samplers describe them:
     penalties, top-k, top-p, min-p, temperature, on candidates sorted best first."""
     logits = np.asarray(row, dtype=np.float64).copy()
+    for t, bias in dict(logit_bias).items():
+        logits[t] += bias
     for t, count in Counter(recent).items():
         logits[t] = logits[t] * repeat_penalty if logits[t] <= 0 else logits[t] / repeat_penalty
         logits[t] -= count * frequency_penalty + presence_penalty
@@ -81,6 +83,7 @@ SETTINGS = [
     dict(temperature=1.0, repeat_penalty=2.0),
     dict(temperature=0.9, top_p=0.95, frequency_penalty=0.7, presence_penalty=0.4),
     dict(temperature=1.0, repeat_penalty=1.3, frequency_penalty=-0.5, presence_penalty=1.5),
+    dict(temperature=0.8, top_k=10, repeat_penalty=1.2, logit_bias={3: 2.5, 7: -1.0, 11: -np.inf}),
 ]
 
 
@@ -159,6 +162,21 @@ def test_frequency_and_presence_penalties_follow_llama_cpps_rule():
     assert row.tolist() == [2.0, -1.0, 0.5, pytest.approx(1.2)]
 
 
+def test_the_logit_bias_comes_first_and_minus_infinity_bans():
+    row = np.array([2.0, -1.0, 0.5, 1.2], dtype=np.float32)
+    # Biased, then penalised (as llama.cpp chains them): (2.0 - 1.0) / 2 = 0.5, token 2 is 1.5.
+    sampler = Sampler(1.0, repeat_penalty=2.0, logit_bias=[(0, -1.0), (2, 1.0)], context=[0])
+    logits = np.array([0.5, -1.0, 1.5, 1.2])
+    assert full(sampler, row) == pytest.approx(np.exp(logits) / np.exp(logits).sum())
+    banned = Sampler(1.0, logit_bias={0: -np.inf, 3: -np.inf}, seed=0)
+    assert full(banned, row)[[0, 3]].tolist() == [0, 0] and {banned(row) for _ in range(200)} == {1, 2}
+    assert Sampler(0.0, logit_bias={0: -100})(row) == 3 and Sampler(0.0).needs_full_rows is False
+    assert Sampler(0.0, logit_bias={0: -100}).needs_full_rows  # the biased argmax needs the row
+    with pytest.raises(ValueError, match="vocabulary has 4 tokens"):
+        Sampler(0.0, logit_bias={4: 1.0})(row)
+    assert row.tolist() == [2.0, -1.0, 0.5, pytest.approx(1.2)]
+
+
 def test_the_penalty_window_slides_over_the_tokens_chosen():
     row = np.array([3.0, 2.9, 0.0], dtype=np.float32)
     sampler = Sampler(0.0, repeat_penalty=2.0, repeat_last_n=2, context=[2, 2, 0])
@@ -204,7 +222,8 @@ def test_single_row_draws_follow_the_distribution():
      (dict(min_p=1), "min_p"), (dict(repeat_penalty=0), "repeat_penalty"),
      (dict(repeat_last_n=-1), "repeat_last_n"), (dict(temperature=math.nan), "temperature"),
      (dict(frequency_penalty=math.inf), "frequency_penalty"),
-     (dict(presence_penalty=math.nan), "presence_penalty")],
+     (dict(presence_penalty=math.nan), "presence_penalty"), (dict(logit_bias={-1: 1.0}), "logit_bias"),
+     (dict(logit_bias={5: math.nan}), "logit_bias")],
 )
 def test_bad_settings_are_refused(settings, message):
     with pytest.raises(ValueError, match=message):
@@ -217,7 +236,7 @@ V = 12
 PROMPT = [3, 1, 4, 1, 5]
 TABLE = np.random.default_rng(42).normal(size=(V, V, V)).astype(np.float32) * 1.5
 OPTIONS = dict(temperature=0.9, top_k=8, top_p=0.95, min_p=0.03, repeat_penalty=1.8, frequency_penalty=0.3,
-               presence_penalty=0.2, repeat_last_n=4)
+               presence_penalty=0.2, logit_bias={2: 0.8, 9: -np.inf}, repeat_last_n=4)
 
 
 def toy_logits(ctx) -> np.ndarray:

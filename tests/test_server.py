@@ -96,6 +96,18 @@ def test_frequency_and_presence_penalties_reach_the_sampler(client):
     assert complete(frequency_penalty=0.0, presence_penalty=0.0) == plain
 
 
+def test_logit_bias_bans_a_token(client, engine):
+    prompt = "List some fruits: apple, banana, apple, banana,"
+    (apple,) = engine.backend.tokenize(" apple", add_special=False)
+
+    def complete(**bias):
+        return client.completions.create(model="any", prompt=prompt, max_tokens=8, temperature=0,
+                                         **bias).choices[0].text
+
+    assert complete().startswith(" apple")
+    assert not complete(logit_bias={str(apple): -100}).startswith(" apple")
+
+
 BAD = [
     (b"{not json", "invalid_json"),
     (json.dumps({"model": "m"}), "messages"),
@@ -108,6 +120,11 @@ BAD = [
     (json.dumps({"messages": [{"role": "user", "content": "x"}], "frequency_penalty": 2.5}),
      "frequency_penalty"),
     (json.dumps({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}), "temperature"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"999999999": -100}}),
+     "vocabulary"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"apple": -100}}),
+     "logit_bias"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"5": -101}}), "logit_bias"),
     (json.dumps([1, 2]), "JSON object"),
 ]
 
