@@ -69,6 +69,9 @@ class GenerationOptions:
     repeat_last_n: int = _SAMPLER["repeat_last_n"]
     seed: int | None = _SAMPLER["seed"]
     stop: Sequence[str] = ()  # strings that end the generation (not included in the text)
+    # Text the output will likely repeat (OpenAI's predicted outputs: the file being edited, say),
+    # or its token ids: drafts copy from it; the output stays the model's own.
+    prediction: str | Sequence[int] | None = None
     # Commit these tokens instead of the model's choices, drafts verified against them (the
     # bench's same-text mode; sampling.Replay). Greedy only.
     replay: Sequence[int] | None = None
@@ -85,7 +88,7 @@ class GenerationOptions:
         if self.replay is not None:
             return Replay(self.replay)
         fields = asdict(self)
-        for name in ("max_tokens", "method", "stop", "replay"):
+        for name in ("max_tokens", "method", "stop", "prediction", "replay"):
             del fields[name]
         return Sampler(**fields, context=context)
 
@@ -328,9 +331,14 @@ class Engine:
              cancelled: threading.Event, stop_tokens=frozenset()) -> Iterator[Chunk]:
         choose = opts.sampler(tokens)  # validates the sampling options now, not at the first next()
         text = TextStream(opts.stop)
-        return self._steps(tokens, drafter, choose, text, opts.max_tokens, cancelled, stop_tokens)
+        expected = opts.prediction or ()
+        if isinstance(expected, str):
+            expected = self.backend.tokenize(expected, add_special=False, parse_special=False)
+        return self._steps(tokens, drafter, choose, text, opts.max_tokens, cancelled, stop_tokens,
+                           [int(t) for t in expected])
 
-    def _steps(self, tokens, make, choose, text, max_tokens, cancelled, stop_tokens) -> Iterator[Chunk]:
+    def _steps(self, tokens, make, choose, text, max_tokens, cancelled, stop_tokens,
+               expected) -> Iterator[Chunk]:
         with self._exclusive(), self._finally_forget(cancelled):
             self.backend.set_top_k(self.top_k(choose.needs_full_rows))  # before the drafter's cost curve
             drafter = make()
@@ -344,6 +352,8 @@ class Engine:
                 yield Chunk("", stats=stats, finish_reason="cancelled")
                 return
             root = start(drafter, choose, tokens, rows)
+            if expected:
+                drafter.expect(expected)
             stats.prefill_s = time.perf_counter() - t0
             steps = speculate(self.backend, drafter, choose, root, len(tokens), max_tokens)
             finish = "length"

@@ -120,6 +120,9 @@ def options(engine, body: Mapping, prompt_tokens: int) -> dict:
         value = _number(body, name, kind, lo, hi)
         if value is not None:
             opts[name] = value
+    prediction = _prediction(body.get("prediction"))
+    if prediction:
+        opts["prediction"] = prediction
     bias = _logit_bias(body.get("logit_bias"), engine.backend.n_vocab)
     if bias:
         opts["logit_bias"] = bias
@@ -128,6 +131,20 @@ def options(engine, body: Mapping, prompt_tokens: int) -> dict:
     if opts.get("repeat_penalty") == 0.0:
         raise RequestError("'repeat_penalty' must be above 0 (1.0 is off)", "repeat_penalty")
     return opts
+
+
+def _prediction(value) -> str:
+    """OpenAI's predicted output, {"type": "content", "content": text or text parts}: drafts
+    copy from it (engine.GenerationOptions.prediction)."""
+    if value is None:
+        return ""
+    content = value.get("content") if isinstance(value, Mapping) and value.get("type") == "content" else None
+    if isinstance(content, list) and all(isinstance(p, Mapping) and p.get("type") == "text" for p in content):
+        content = "".join(str(p.get("text", "")) for p in content)
+    if not isinstance(content, str):
+        raise RequestError("'prediction' must be {\"type\": \"content\", \"content\": a string or a list of "
+                           "text parts}", "prediction")
+    return content
 
 
 def _logit_bias(value, n_vocab: int) -> tuple[tuple[int, float], ...]:

@@ -3,20 +3,23 @@ of the most recent earlier occurrence of the longest matching suffix of context 
 
 from __future__ import annotations
 
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from racer_local.drafters.history import History
 
 
-def naive(context, root, longest, limit, shortest):
-    tail = [*context, root]
+def naive(context, root, longest, limit, shortest, reference=None, near=None):
+    """Searched in `reference` (by default the context itself); of the longest matches the most
+    recent, or the nearest to `near` (the later of two as near)."""
+    tail, ref = [*context, root], context if reference is None else reference
     for n in range(min(longest, len(tail)), shortest - 1, -1):
         want = tail[-n:]
-        for end in range(len(context) - 2, -1, -1):  # most recent first; a continuation must exist
-            start = end - n + 1
-            if start >= 0 and context[start : end + 1] == want:
-                return n, context[end + 1 : end + 1 + limit]
+        ends = [end for end in range(len(ref) - 2, -1, -1)  # most recent first; a continuation must exist
+                if end - n + 1 >= 0 and ref[end - n + 1 : end + 1] == want]
+        if ends:
+            end = ends[0] if near is None else min(ends, key=lambda e: abs(e - near))
+            return n, ref[end + 1 : end + 1 + limit]
     return 0, []
 
 
@@ -27,3 +30,16 @@ def test_copy_is_the_longest_most_recent_match(context, root, longest, limit, sh
     h.extend(context[:7])
     h.extend(context[7:])  # grows across its initial size the same way
     assert h.copy(root, longest, limit, shortest) == naive(context, root, longest, limit, shortest)
+
+
+@given(st.lists(st.integers(0, 4), max_size=40), st.lists(st.integers(0, 4), max_size=40), st.integers(0, 4),
+       st.integers(2, 8), st.integers(1, 12), st.integers(1, 3), st.none() | st.integers(0, 40))
+@example([], [1, 2], 1, 4, 5, 1, None)  # nothing before the root: a one-token match is still one
+@example([7, 3], [3, 1, 2], 1, 8, 5, 2, None)  # the prediction starts where the context ends
+@example([3], [3, 1, 2, 3, 1, 5], 1, 8, 5, 2, 1)  # of two equal matches, the one near the output's place
+def test_copy_within_a_predicted_text(context, predicted, root, longest, limit, shortest, near):
+    h, p = History(), History()
+    h.extend(context)
+    p.extend(predicted)
+    got = h.copy(root, longest, limit, shortest, within=p, near=near)
+    assert got == naive(context, root, longest, limit, shortest, predicted, near)

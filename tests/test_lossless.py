@@ -49,7 +49,7 @@ def _prompts() -> list[str]:
     return prompts
 
 
-def _record(engine, monkeypatch, prompt, method, max_tokens=48):
+def _record(engine, monkeypatch, prompt, method, max_tokens=48, **options):
     """Generate greedily while recording each verifying row's argmax and top-2 margin."""
     first: list[tuple[int, float]] = []
     walks: list[tuple] = []
@@ -70,7 +70,7 @@ def _record(engine, monkeypatch, prompt, method, max_tokens=48):
     monkeypatch.setattr(engine.backend, "prefill", prefill)
     monkeypatch.setattr(decode, "walk", walk)
     engine.reset()
-    out = engine.generate(prompt, max_tokens=max_tokens, method=method)
+    out = engine.generate(prompt, max_tokens=max_tokens, method=method, **options)
     monkeypatch.undo()
     return out.tokens, first[0], walks
 
@@ -126,6 +126,22 @@ def test_speculative_greedy_equals_plain_greedy(engine, rows_from, monkeypatch, 
                 f"top-2 margin is {margin:.3f} (> {NEAR_TIE}): not a near-tie, a real bug"
             )
     assert branched > 0, "no verified tree had branches: the tree path was not exercised"
+
+
+@pytest.mark.parametrize("method", ["pld", "racer"])
+def test_a_predicted_output_makes_drafts_not_output(engine, monkeypatch, method):
+    """OpenAI's predicted outputs: given the text the answer will repeat (here plain decoding's
+    own, which the prompt does not hold), drafts copy it and far fewer steps are taken, and every
+    token is still the target's argmax."""
+    prompt = "The capital of France is"
+    plain, first, walks = _record(engine, monkeypatch, prompt, "ar")
+    margins = _check_every_token_is_the_argmax(plain, first, walks)
+    _, _, walks_alone = _record(engine, monkeypatch, prompt, method)
+    tokens, first, walks = _record(engine, monkeypatch, prompt, method, prediction=plain)
+    _check_every_token_is_the_argmax(tokens, first, walks)
+    diverged = next((i for i, (a, b) in enumerate(zip(plain, tokens)) if a != b), None)
+    assert diverged is None or margins[diverged] < NEAR_TIE
+    assert len(walks) <= len(walks_alone) / 2, (len(walks), len(walks_alone))
 
 
 def test_top_k_on_the_backend_gives_the_host_paths_greedy_output(engine, prompts):

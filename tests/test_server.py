@@ -96,6 +96,27 @@ def test_frequency_and_presence_penalties_reach_the_sampler(client):
     assert complete(frequency_penalty=0.0, presence_penalty=0.0) == plain
 
 
+def test_a_predicted_output_speeds_the_reply_not_its_text(client):
+    """OpenAI's predicted outputs: the reply the client expects (here the reply itself, which
+    the prompt does not hold) is drafted from, in far fewer steps, and the text is unchanged
+    (a prompt without near-ties, where batched rows could flip a token: measured 33 to 8 steps)."""
+    prompt = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
+    ask = dict(model="any", prompt=prompt, max_tokens=48,
+               extra_body={"method": "pld"})  # pld: no calibration carried between the requests
+    plain = client.completions.create(**ask)
+    text = plain.choices[0].text
+
+    def predicted(content):
+        body = {**ask["extra_body"], "prediction": {"type": "content", "content": content}}
+        return client.completions.create(**{**ask, "extra_body": body})
+
+    got = predicted(text)
+    assert got.choices[0].text == text
+    assert got.model_extra["timings"]["steps"] < plain.model_extra["timings"]["steps"] / 2
+    parts = [{"type": "text", "text": text[:5]}, {"type": "text", "text": text[5:]}]
+    assert predicted(parts).choices[0].text == text
+
+
 def test_logit_bias_bans_a_token(client, engine):
     prompt = "List some fruits: apple, banana, apple, banana,"
     (apple,) = engine.backend.tokenize(" apple", add_special=False)
@@ -125,6 +146,7 @@ BAD = [
     (json.dumps({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"apple": -100}}),
      "logit_bias"),
     (json.dumps({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"5": -101}}), "logit_bias"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}], "prediction": "text"}), "prediction"),
     (json.dumps([1, 2]), "JSON object"),
 ]
 

@@ -19,6 +19,10 @@ class Drafter:
         """A generation starts: `context` is everything in the KV cache (the prompt), `rows`
         the logits of its last len(rows) positions. Called once per request."""
 
+    def expect(self, tokens: Sequence[int]) -> None:
+        """Text this request's output will likely repeat (OpenAI's predicted outputs: an edited
+        file, say): a source of drafts, never of output. Called after begin(), per request."""
+
     def propose(self, root: int, budget: int) -> DraftTree:
         """A tree of at most `budget` nodes whose root is `root` (the target's next token)."""
         return DraftTree.chain(root)

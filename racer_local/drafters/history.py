@@ -23,25 +23,52 @@ class History:
         self.tokens[self.n : need] = tokens
         self.n = need
 
-    def copy(self, root: int, longest: int, limit: int, shortest: int = 2) -> tuple[int, list[int]]:
+    def copy(self, root: int, longest: int, limit: int, shortest: int = 2,
+             within: History | None = None, near: int | None = None) -> tuple[int, list[int]]:
         """(match length, continuation): what followed the most recent earlier occurrence of the
-        longest suffix of context + [root] (`shortest`..`longest` tokens) that occurred before."""
+        longest suffix of context + [root] (`shortest`..`longest` tokens) that occurred before,
+        or its occurrence `within` another text (a predicted output) nearest to the place `near`
+        (the latest if None)."""
         hay, n = self.tokens, self.n
-        if n < 2 or limit <= 0:
+        ref, m = (hay, n) if within is None else (within.tokens, within.n)
+        if m < 2 or limit <= 0 or (n < 1 and shortest >= 2):
             return 0, []
-        ends = np.flatnonzero(hay[: n - 1] == root)  # earlier roots that have a continuation
+        ends = np.flatnonzero(ref[: m - 1] == root)  # places of the root that have a continuation
         if shortest >= 2:  # a match must take in the token before the root as well
-            ends = ends[(ends >= 1) & (hay[ends - 1] == hay[n - 1])]
+            ends = ends[(ends >= 1) & (ref[ends - 1] == hay[n - 1])]
         if not len(ends):
             return 0, []
         # Every candidate's match extended backwards at once: a loop of numpy calls per token
         # cost 150 us on a 32-token match, this about 20.
-        back = np.arange(1, min(longest, n))
+        back = np.arange(1, min(longest, n + 1))
         before = ends[:, None] - back
-        same = (hay[np.maximum(before, 0)] == hay[n - back]) & (before >= 0)
+        same = (ref[np.maximum(before, 0)] == hay[n - back]) & (before >= 0)
         length = 1 + np.logical_and.accumulate(same, axis=1).sum(axis=1)
         best = int(length.max())
         if best < shortest:
             return 0, []
-        at = int(ends[np.flatnonzero(length == best)[-1]])  # the most recent of the longest
-        return best, hay[at + 1 : min(at + 1 + limit, n)].tolist()
+        longest_ends = ends[length == best]
+        if near is None:
+            at = int(longest_ends[-1])  # the most recent of the longest
+        else:  # the nearest; of two as near, the later
+            later_first = longest_ends[::-1]
+            at = int(later_first[np.argmin(np.abs(later_first - near))])
+        return best, ref[at + 1 : min(at + 1 + limit, m)].tolist()
+
+
+
+class Prediction:
+    """A request's predicted output (OpenAI's `prediction`) to copy drafts from. It is stored
+    behind the context's last token, so the output's first token matches as a continuation of
+    the context; of equally long matches the one nearest the output's own position wins, since
+    an output that follows its prediction is at the same place in both."""
+
+    def __init__(self, context: History, tokens: Sequence[int]) -> None:
+        self.text = History()
+        self.text.extend([int(context.tokens[context.n - 1]) if context.n else -1, *tokens])
+        self.start = context.n  # the context's length when the output began
+
+    def copy(self, context: History, root: int, longest: int, limit: int,
+             shortest: int = 2) -> tuple[int, list[int]]:
+        """As context.copy, within the prediction; the root is output token context.n - start."""
+        return context.copy(root, longest, limit, shortest, within=self.text, near=context.n - self.start + 1)

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from racer_local.drafters.base import Drafter
-from racer_local.drafters.history import History
+from racer_local.drafters.history import History, Prediction
 from racer_local.tree import DraftTree
 
 
@@ -23,15 +23,22 @@ class PromptLookup(Drafter):
             raise ValueError("need 1 <= min_ngram <= max_ngram")
         self.max_ngram, self.min_ngram, self.max_draft = max_ngram, min_ngram, max_draft
         self.history = History()
+        self.expected: Prediction | None = None
 
     def begin(self, context: Sequence[int], rows: np.ndarray) -> None:
         self.history = History()
         self.history.extend(context)
+        self.expected = None
+
+    def expect(self, tokens: Sequence[int]) -> None:
+        self.expected = Prediction(self.history, tokens) if len(tokens) else None
 
     def propose(self, root: int, budget: int) -> DraftTree:
         limit = min(self.max_draft, budget - 1)
-        _, draft = self.history.copy(root, self.max_ngram, limit, shortest=self.min_ngram)
-        return DraftTree.chain(root, draft)
+        found = [self.history.copy(root, self.max_ngram, limit, shortest=self.min_ngram)]
+        if self.expected is not None:  # the longer match of the context's and the prediction's
+            found.append(self.expected.copy(self.history, root, self.max_ngram, limit, self.min_ngram))
+        return DraftTree.chain(root, max(found, key=lambda f: f[0])[1])
 
     def observe(self, tree: DraftTree, rows: np.ndarray, path: Sequence[int]) -> None:
         self.history.extend([tree.tokens[i] for i in path])

@@ -7,7 +7,8 @@ Every candidate child of a tree node comes from one or more sources:
   refreshed from every verified node, rejected ones included;
 - copy: the tokens that followed the most recent occurrence of the context's longest matching
   suffix, as far as the cost curve lets a chain pay, not as far as the index window reaches
-  (names and numbers in translations, quotes in summaries, code edits).
+  (names and numbers in translations, quotes in summaries, code edits); and, where a request
+  predicts its output (OpenAI's `prediction`), what followed that tail in the prediction.
 Each candidate gets a calibrated probability of being accepted given its parent was: the
 acceptance rate observed so far for candidates of its kind (which sources proposed it, at
 what rank and logit gap, how long the copied match is and how far into the copy it is),
@@ -40,7 +41,7 @@ import numpy as np
 
 from racer_local import topk
 from racer_local.drafters.base import Drafter
-from racer_local.drafters.history import History
+from racer_local.drafters.history import History, Prediction
 from racer_local.ngram import NgramIndex
 from racer_local.tree import DraftTree
 
@@ -52,6 +53,9 @@ ANCHOR_EDGES = (2, 4, 8)  # retrieval anchor-score buckets: about how long the m
 # (gemma-3-270m), 0.81 after 8-15, 0.91 after 16-23 and 1.0 after 24+ (Qwen2.5-Coder-0.5B).
 COPY_MATCH_EDGES = (3, 4, 8, 16, 32)
 COPY_POS_EDGES = (2, 3, 5, 9, 17)  # copy: position in the copied run (1, 2, 3-4, 5-8, 9-16, 17+)
+# The match bucket of a copy from the request's predicted output, whatever the match's length:
+# the caller said the output would repeat it, so it is judged apart from the context's copies.
+PREDICTED = len(COPY_MATCH_EDGES) + 1
 
 
 @dataclass(frozen=True)
@@ -209,7 +213,7 @@ def _copy_prior(kind) -> float | None:
     if kind is None:
         return None
     match, pos = kind
-    return min(0.9, (0.35, 0.5, 0.6, 0.7, 0.75, 0.8)[match] + 0.04 * pos)
+    return min(0.9, (0.35, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85)[match] + 0.04 * pos)
 
 
 def source_of(key: tuple) -> str:
@@ -270,6 +274,7 @@ class Racer(Drafter):
         self.index = NgramIndex(window=config.window, max_nodes=config.max_index_nodes)
         self.keep_state = keep_state
         self.history = History()  # the context indexed so far: prompt and committed tokens
+        self.expected: Prediction | None = None  # this request's predicted output, if it gave one
         self.table: CopyLogitTable | None = None
         self.shared = calibration or Calibration()  # the backend's, across requests
         self.calibration = Calibration(parent=self.shared)  # this request's (a session's, if kept)
@@ -293,12 +298,16 @@ class Racer(Drafter):
             new = context
         if not self.keep_state:
             self.calibration = Calibration(parent=self.shared)
+        self.expected = None
         self.index.extend(new)
         self.history.extend(new)
         if self.config.logits:
             if self.table is None or not self.keep_state:
                 self.table = CopyLogitTable(self.n_vocab or rows.shape[1], self.config.top_k)
             self.table.update(context[len(context) - len(rows) :], rows)
+
+    def expect(self, tokens: Sequence[int]) -> None:
+        self.expected = Prediction(self.history, tokens) if len(tokens) else None
 
     def propose(self, root: int, budget: int) -> DraftTree:
         start = time.perf_counter()
@@ -362,10 +371,14 @@ class Racer(Drafter):
                 children.setdefault(prefix, {}).setdefault(token, [None, None])[0] = kind
         if self.config.copy:
             match, run = self.history.copy(root, self.config.copy_match, budget)
-            m = bisect_right(COPY_MATCH_EDGES, match)
-            for i, token in enumerate(run):
-                kind = (m, bisect_right(COPY_POS_EDGES, i + 1))
-                children.setdefault(tuple(run[:i]), {}).setdefault(token, [None, None])[1] = kind
+            copies = [(bisect_right(COPY_MATCH_EDGES, match), run)]
+            if self.expected is not None:  # where both hold a token, the prediction's kind
+                _, run = self.expected.copy(self.history, root, self.config.copy_match, budget)
+                copies.append((PREDICTED, run))
+            for m, run in copies:
+                for i, token in enumerate(run):
+                    kind = (m, bisect_right(COPY_POS_EDGES, i + 1))
+                    children.setdefault(tuple(run[:i]), {}).setdefault(token, [None, None])[1] = kind
         return children
 
     def _retrieved(self, root: int, budget: int):
