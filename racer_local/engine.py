@@ -364,21 +364,31 @@ class Engine:
                     stats.decode_s += time.perf_counter() - t
                     if step is None:
                         break
-                    self._cached.extend(step.tokens)
-                    stats.add(step)
-                    visible = step.tokens[:-1] if step.eog else step.tokens
-                    cut = next((i for i, t in enumerate(visible) if t in stop_tokens), None)
-                    if cut is not None:
-                        visible = visible[:cut]
-                    piece = text.feed(b"".join(self.backend.piece(t) for t in visible))
-                    if step.eog or text.stopped or cut is not None:
+                    self._cached.extend(step.tokens)  # what the KV cache holds
+                    piece, kept = self._text(step, text, stop_tokens)
+                    if kept is not None:
                         finish = "stop"
+                        step = replace(step, tokens=step.tokens[:kept])
                     elif cancelled.is_set():
                         finish = "cancelled"
+                    stats.add(step)
                     yield Chunk(piece, step.tokens)
             finally:
                 steps.close()  # rolls the KV cache back to what was committed
             yield Chunk(text.flush(), stats=stats, finish_reason=finish)
+
+    def _text(self, step, text: TextStream, stop_tokens) -> tuple[str, int | None]:
+        """The step's final text and, if the reply ends in it, how many of its tokens are the
+        reply's: up to the one that ended it (end of generation, a stop token, the end of a stop
+        string), as plain decoding would commit them; drafts after it are not, nor counted."""
+        pieces = []
+        for i, token in enumerate(step.tokens):
+            if token in stop_tokens or (step.eog and i == len(step.tokens) - 1):
+                return "".join(pieces), i + 1
+            pieces.append(text.feed(self.backend.piece(token)))
+            if text.stopped:
+                return "".join(pieces), i + 1
+        return "".join(pieces), None
 
     def _prefill(self, tokens: list[int], n_logits: int, cancelled: threading.Event):
         """Decode the part of `tokens` not already cached; roll back on failure. Returns the

@@ -228,6 +228,18 @@ def test_stop_tokens_end_a_reply_before_them(engine):
     assert text == engine.backend.detokenize(free.tokens[: free.tokens.index(stop)])
 
 
+@pytest.mark.parametrize("method", ["pld", "racer"])
+def test_a_stop_string_ends_the_reply_where_plain_decoding_would(engine, method):
+    """A step may commit drafts past a stop string; they are not the reply's: its tokens and
+    their count (the API's completion_tokens, tokens/s) are what plain decoding gives."""
+    prompt = "one two three four five one two three four five one two three four five one two"
+    plain = engine.generate(prompt, max_tokens=24, method="ar", stop=["five"])
+    fast = engine.generate(prompt, max_tokens=24, method=method, stop=["five"])
+    assert engine.cached_tokens > len(engine.tokenize(prompt)) + len(fast.tokens)  # drafts went past it
+    assert (fast.text, fast.tokens, fast.finish_reason) == (plain.text, plain.tokens, "stop")
+    assert fast.stats.generated_tokens == len(fast.tokens)
+
+
 # ----- threads ------------------------------------------------------------------------------------
 
 PROMPT = "Once upon a time, in a small village by the sea, there lived"
