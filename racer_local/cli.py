@@ -122,9 +122,12 @@ def main():
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming.")
 @click.option("--compare", is_flag=True, help="Also run `ar` on the prompt and report the speedup.")
+@click.option("--prediction", type=click.File("r", encoding="utf-8"),
+              help="A file with text the output will likely repeat (an edited file): drafts copy from "
+                   "it, the output stays the model's own.")
 @_friendly_errors
 def generate(prompt, model, threads, n_ctx, n_gpu_layers, rpc, candidates, max_tokens, method, stop, as_json,
-             compare, **sampling):
+             compare, prediction, **sampling):
     """Generate a continuation of PROMPT ('-' reads it from stdin)."""
     if max_tokens < 1:
         raise click.ClickException(f"--max-tokens must be at least 1, got {max_tokens}")
@@ -132,7 +135,8 @@ def generate(prompt, model, threads, n_ctx, n_gpu_layers, rpc, candidates, max_t
         prompt = sys.stdin.read()
     if not prompt.strip():
         raise click.ClickException("the prompt is empty: give some text to continue")
-    options = dict(max_tokens=max_tokens, stop=stop, **sampling)
+    options = dict(max_tokens=max_tokens, stop=stop, prediction=prediction.read() if prediction else None,
+                   **sampling)
     with _engine(model, threads, n_ctx, n_gpu_layers, rpc, candidates) as engine:
         baseline = None
         if compare:

@@ -98,3 +98,15 @@ def test_json_output_of_a_short_generation(cli, model_path):
     assert stats["generated_tokens"] == len(out["tokens"])
     assert stats["generated_tokens"] == 16 or out["finish_reason"] == "stop"
     assert stats["steps"] >= 1 and stats["accepted"] <= stats["drafted"]
+
+
+def test_a_prediction_file_gives_drafts_not_text(cli, model_path, tmp_path):
+    prompt = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
+    args = ["--method", "pld", "--json", "-n", "48", "-m", str(model_path), "--n-ctx", "256",
+            "--threads", "2"]
+    plain = json.loads(cli(prompt, *args).stdout)
+    (tmp_path / "expected.py").write_text(plain["text"], encoding="utf-8")
+    predicted = json.loads(cli(prompt, *args, "--prediction", str(tmp_path / "expected.py")).stdout)
+    assert predicted["text"] == plain["text"]
+    assert predicted["stats"]["steps"] < plain["stats"]["steps"] / 2
+    assert "expected.txt" in error_line(cli(prompt, *args, "--prediction", str(tmp_path / "expected.txt")))
