@@ -330,12 +330,19 @@ class Engine:
     def _run(self, tokens, opts: GenerationOptions, drafter: Callable[[], Drafter],
              cancelled: threading.Event, stop_tokens=frozenset()) -> Iterator[Chunk]:
         choose = opts.sampler(tokens)  # validates the sampling options now, not at the first next()
+        biased = choose.biased if isinstance(choose, Sampler) else []
+        if biased and max(biased) >= self.backend.n_vocab:
+            raise ValueError(f"logit_bias names token {max(biased)}, but the vocabulary has "
+                             f"{self.backend.n_vocab} tokens")
         text = TextStream(opts.stop)
         expected = opts.prediction or ()
         if isinstance(expected, str):
             expected = self.backend.tokenize(expected, add_special=False, parse_special=False)
-        return self._steps(tokens, drafter, choose, text, opts.max_tokens, cancelled, stop_tokens,
-                           [int(t) for t in expected])
+        expected = [int(t) for t in expected]
+        if any(not 0 <= t < self.backend.n_vocab for t in expected):
+            raise ValueError("prediction holds token ids outside the vocabulary "
+                             f"(0 to {self.backend.n_vocab - 1})")
+        return self._steps(tokens, drafter, choose, text, opts.max_tokens, cancelled, stop_tokens, expected)
 
     def _steps(self, tokens, make, choose, text, max_tokens, cancelled, stop_tokens,
                expected) -> Iterator[Chunk]:

@@ -68,9 +68,13 @@ class Sampler:
         for name in ("frequency_penalty", "presence_penalty"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
-        bias = dict(self.logit_bias.items() if isinstance(self.logit_bias, Mapping) else self.logit_bias)
-        self._bias_ids = np.array([int(t) for t in bias], dtype=np.int64)
-        self._bias = np.array(list(bias.values()), dtype=np.float32)
+        try:
+            bias = dict(self.logit_bias.items() if isinstance(self.logit_bias, Mapping) else self.logit_bias)
+            self._bias_ids = np.array([int(t) for t in bias], dtype=np.int64)
+            self._bias = np.array([float(b) for b in bias.values()], dtype=np.float32)
+        except (TypeError, ValueError):
+            raise ValueError(f"logit_bias must be {{token id: bias}} or (token id, bias) pairs, got "
+                             f"{self.logit_bias!r}") from None
         if (self._bias_ids < 0).any() or np.isnan(self._bias).any():
             raise ValueError(f"logit_bias takes token ids >= 0 and biases that are numbers, got {bias}")
         if self.repeat_last_n < 0:
@@ -87,6 +91,11 @@ class Sampler:
         """A draw needs the whole distribution and a penalty can move the argmax; plain greedy
         needs only the best token (a TopK row will do)."""
         return not self.greedy or self._adjusts
+
+    @property
+    def biased(self) -> list[int]:
+        """The token ids logit_bias moves."""
+        return self._bias_ids.tolist()
 
     @property
     def _adjusts(self) -> bool:

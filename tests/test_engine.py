@@ -240,6 +240,13 @@ def test_a_stop_string_ends_the_reply_where_plain_decoding_would(engine, method)
     assert fast.stats.generated_tokens == len(fast.tokens)
 
 
+def test_token_ids_outside_the_vocabulary_are_refused_before_decoding(engine):
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.generate("Hello", max_tokens=4, prediction=[1, engine.backend.n_vocab])
+    with pytest.raises(ValueError, match="vocabulary has"):
+        engine.generate("Hello", max_tokens=4, logit_bias={engine.backend.n_vocab: -100})
+
+
 # ----- threads ------------------------------------------------------------------------------------
 
 PROMPT = "Once upon a time, in a small village by the sea, there lived"

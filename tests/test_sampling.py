@@ -223,7 +223,7 @@ def test_single_row_draws_follow_the_distribution():
      (dict(repeat_last_n=-1), "repeat_last_n"), (dict(temperature=math.nan), "temperature"),
      (dict(frequency_penalty=math.inf), "frequency_penalty"),
      (dict(presence_penalty=math.nan), "presence_penalty"), (dict(logit_bias={-1: 1.0}), "logit_bias"),
-     (dict(logit_bias={5: math.nan}), "logit_bias")],
+     (dict(logit_bias={5: math.nan}), "logit_bias"), (dict(logit_bias=[1, 2]), "logit_bias")],
 )
 def test_bad_settings_are_refused(settings, message):
     with pytest.raises(ValueError, match=message):

@@ -21,7 +21,8 @@ class Drafter:
 
     def expect(self, tokens: Sequence[int]) -> None:
         """Text this request's output will likely repeat (OpenAI's predicted outputs: an edited
-        file, say): a source of drafts, never of output. Called after begin(), per request."""
+        file, say): a source of drafts, never of output. Called after begin(), on the requests
+        that give one."""
 
     def propose(self, root: int, budget: int) -> DraftTree:
         """A tree of at most `budget` nodes whose root is `root` (the target's next token)."""

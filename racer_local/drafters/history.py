@@ -56,7 +56,6 @@ class History:
         return best, ref[at + 1 : min(at + 1 + limit, m)].tolist()
 
 
-
 class Prediction:
     """A request's predicted output (OpenAI's `prediction`) to copy drafts from. It is stored
     behind the context's last token, so the output's first token matches as a continuation of
