@@ -22,6 +22,7 @@ from pathlib import Path
 from racer_local.drafters import DRAFTERS
 from racer_local.errors import ContextFullError
 from racer_local.stats import Stats
+from racer_local.templates import text_of
 
 MAX_STOP = 4  # OpenAI's limit on stop strings
 
@@ -139,9 +140,8 @@ def _prediction(value) -> str:
     if value is None:
         return ""
     content = value.get("content") if isinstance(value, Mapping) and value.get("type") == "content" else None
-    if isinstance(content, list) and all(isinstance(p, Mapping) and p.get("type") == "text" for p in content):
-        content = "".join(str(p.get("text", "")) for p in content)
-    if not isinstance(content, str):
+    content = text_of(content)
+    if content is None:
         raise RequestError("'prediction' must be {\"type\": \"content\", \"content\": a string or a list of "
                            "text parts}", "prediction")
     return content

@@ -51,11 +51,20 @@ def normalize(messages: Iterable[Mapping]) -> list[Message]:
 
 
 def _text(content, i: int) -> str:
+    text = text_of(content)
+    if text is None:
+        raise ValueError(f"message {i}: content must be a string or a list of text parts")
+    return text
+
+
+def text_of(content) -> str | None:
+    """OpenAI content, a string or a list of {"type": "text"} parts, as one string; None if it
+    is neither."""
     if isinstance(content, str):
         return content
     if isinstance(content, list) and all(isinstance(p, Mapping) and p.get("type") == "text" for p in content):
         return "".join(str(p.get("text", "")) for p in content)
-    raise ValueError(f"message {i}: content must be a string or a list of text parts")
+    return None
 
 
 def render_gemma(messages: Sequence[Message]) -> str:
