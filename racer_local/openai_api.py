@@ -5,7 +5,7 @@ OpenAI API defines it (a dict) and return the response dict, or with `"stream": 
 iterator of chunk dicts. Bad requests raise RequestError, which names the field and the
 problem; the server turns it into a 400 with an OpenAI error body. Unknown fields are
 ignored (clients send many); fields that would change the output and that racer-local
-cannot honour (n > 1, logprobs, tools, frequency and presence penalties) are refused.
+cannot honour (n > 1, logprobs, tools, functions, a response_format other than text) are refused.
 
 Every response carries `timings` under llama-server's names plus racer's own (`steps`,
 `tokens_per_step`, `method`); every streamed content chunk carries `racer.step_tokens`, the
