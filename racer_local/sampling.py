@@ -98,9 +98,12 @@ class Sampler:
         return self._bias_ids.tolist()
 
     @property
+    def _penalizes(self) -> bool:
+        return self.repeat_penalty != 1 or self.frequency_penalty != 0 or self.presence_penalty != 0
+
+    @property
     def _adjusts(self) -> bool:
-        return (self.repeat_penalty != 1 or self.frequency_penalty != 0 or self.presence_penalty != 0
-                or len(self._bias_ids) > 0)
+        return self._penalizes or len(self._bias_ids) > 0
 
     def __call__(self, row: np.ndarray | TopK) -> int:
         """Choose the next token from `row` and take it as committed."""
@@ -150,7 +153,7 @@ class Sampler:
                 raise ValueError(f"logit_bias names token {self._bias_ids.max()}, but the vocabulary has "
                                  f"{len(row)} tokens")
             out[self._bias_ids] += self._bias
-        if not self._recent:
+        if not self._recent or not self._penalizes:  # a bias alone: no window to count
             return out
         ids, counts = np.unique(np.fromiter(self._recent, dtype=np.int64), return_counts=True)
         vals = out[ids]
