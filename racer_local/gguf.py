@@ -1,14 +1,16 @@
-"""A GGUF sanity check run before llama.cpp opens a file.
+"""A GGUF sanity check run before llama.cpp opens a file, and the header it reads.
 
 llama.cpp trusts a file's header more than it should; a truncated download or a file that is
 not a model should give the user a sentence, not a native crash. This reads the header, the
 metadata and the tensor table, and checks that every tensor's data lies inside the file. It
-does not validate tensor contents or the architecture: llama.cpp does that.
+does not validate tensor contents or the architecture: llama.cpp does that. The header it
+returns tells output_layer.py where the output weights lie.
 """
 
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 from racer_local.errors import ModelError
@@ -25,6 +27,21 @@ _BLOCKS = {
     27: (1, 8), 28: (1, 8), 29: (256, 56), 30: (1, 2), 34: (256, 54), 35: (256, 66),
 }
 _MAX_COUNT = 1 << 24  # more tensors or metadata keys than any real model: a corrupt header
+Q8_0 = 8
+
+
+@dataclass(frozen=True)
+class Tensor:
+    type: int  # ggml type id
+    dims: tuple[int, ...]  # ggml order: dims[0] varies fastest (a matrix is (columns, rows))
+    offset: int  # of its data, from the start of the file
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Header:
+    metadata: dict[str, object]  # scalars, and strings as bytes; arrays are left out (None)
+    tensors: dict[str, Tensor]
 
 
 class _Reader:
@@ -77,8 +94,9 @@ class _Reader:
         raise self.fail(f"unknown metadata type {vtype}")
 
 
-def check_gguf(path: str | Path) -> None:
-    """Raise ModelError with a clear sentence unless `path` looks like a whole GGUF model."""
+def check_gguf(path: str | Path) -> Header:
+    """Raise ModelError with a clear sentence unless `path` looks like a whole GGUF model; return
+    its header."""
     path = Path(path)
     if not path.exists():
         raise ModelError(f"model file not found: {path}")
@@ -99,23 +117,25 @@ def check_gguf(path: str | Path) -> None:
     if version not in (2, 3):
         raise r.fail(f"unsupported GGUF version {version}")
     n_tensors, n_kv = r.count("tensor"), r.count("metadata")
-    alignment = 32
+    metadata: dict[str, object] = {}
     for _ in range(n_kv):
-        key = r.string()
-        value = r.value(r.take("I"))
-        if key == b"general.alignment" and isinstance(value, int) and value > 0:
-            alignment = value
-    end = 0
+        key = r.string().decode("utf-8", "replace")
+        metadata[key] = r.value(r.take("I"))
+    alignment = metadata.get("general.alignment")
+    alignment = alignment if isinstance(alignment, int) and alignment > 0 else 32
+    end, table = 0, []
     for _ in range(n_tensors):
-        r.string()
+        name = r.string().decode("utf-8", "replace")
         n_dims = r.take("I")
         if n_dims > 8:
             raise r.fail(f"a tensor with {n_dims} dimensions")
+        dims = tuple(r.take("Q") for _ in range(n_dims))
         n_elems = 1
-        for _ in range(n_dims):
-            n_elems *= r.take("Q")
+        for d in dims:
+            n_elems *= d
         ggml_type, offset = r.take("I"), r.take("Q")
         block, nbytes = _BLOCKS.get(ggml_type, (1, 0))  # unknown type: llama.cpp checks it
+        table.append((name, ggml_type, dims, offset, n_elems // block * nbytes))
         end = max(end, offset + n_elems // block * nbytes)
     data_start = -(-r.at // alignment) * alignment
     if data_start + end > size:
@@ -123,3 +143,5 @@ def check_gguf(path: str | Path) -> None:
             f"{path} is truncated: its tensors need {data_start + end} bytes but the file has "
             f"{size}; download it again"
         )
+    return Header(metadata, {name: Tensor(t, dims, data_start + offset, nbytes)
+                             for name, t, dims, offset, nbytes in table})
