@@ -10,9 +10,10 @@ setup(
     ext_modules=[
         Extension(
             "racer_local._native",
-            sources=["native/ngram.c", "native/module.c"],
+            sources=["native/ngram.c", "native/output_layer.c", "native/module.c"],
             include_dirs=["native"],
             extra_compile_args=["-O3", "-std=c99"],
+            extra_link_args=["-pthread"],
             optional=True,
         )
     ]

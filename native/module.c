@@ -1,4 +1,5 @@
-/* module.c - racer_local._native: the CPython face of ngram.c (NgramIndex and topk_rows).
+/* module.c - racer_local._native: the CPython face of ngram.c (NgramIndex and topk_rows) and of
+ * output_layer.c (OutputLayer).
  *
  * Hand-written against the CPython C API. It converts arguments, turns RL_E* codes into Python
  * exceptions with the same messages as the pure-Python twin in racer_local/ngram.py, and
@@ -11,6 +12,7 @@
 #include <string.h>
 
 #include "ngram.h"
+#include "output_layer.h"
 
 #define TOKEN_LIMIT 2147483648LL /* token ids are in [0, 2**31) */
 
@@ -306,11 +308,186 @@ done:
     return out;
 }
 
+
+/* ----- OutputLayer ------------------------------------------------------------------------ */
+
+typedef struct {
+    PyObject_HEAD
+    rl_head *head;
+    Py_ssize_t n_vocab, n_embd;
+    int max_rows;
+} OutputLayerObject;
+
+static int OutputLayer_init(OutputLayerObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"weights", "n_vocab", "n_embd", "max_rows", "name_fn", "data_fn", "size_fn", NULL};
+    Py_buffer w;
+    Py_ssize_t n_vocab, n_embd, max_rows;
+    unsigned long long name_fn, data_fn, size_fn;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "y*nnnKKK:OutputLayer", kwlist, &w, &n_vocab, &n_embd, &max_rows,
+                                     &name_fn, &data_fn, &size_fn))
+        return -1;
+    int rc = -1;
+    if (!rl_head_supported()) {
+        PyErr_SetString(PyExc_RuntimeError, "this CPU lacks AVX-512 VNNI, which OutputLayer needs");
+    } else if (n_vocab < 1 || n_embd < 32 || n_embd % 32 || max_rows < 1 || max_rows > 4096) {
+        PyErr_Format(PyExc_ValueError, "OutputLayer needs n_vocab >= 1, n_embd a multiple of 32 and max_rows in "
+                     "1..4096, got %zd, %zd, %zd", n_vocab, n_embd, max_rows);
+    } else if (w.len != n_vocab * (n_embd / 32) * 34) {
+        PyErr_Format(PyExc_ValueError, "weights must be %zd bytes of q8_0 (%zd x %zd), got %zd",
+                     n_vocab * (n_embd / 32) * 34, n_vocab, n_embd, w.len);
+    } else if (!name_fn || !data_fn || !size_fn) {
+        PyErr_SetString(PyExc_ValueError, "name_fn, data_fn and size_fn must be ggml function addresses");
+    } else {
+        rl_head *head = NULL;
+        int code;
+        Py_BEGIN_ALLOW_THREADS
+        code = rl_head_new(w.buf, n_vocab, n_embd, (int)max_rows, (rl_tensor_name_fn)(uintptr_t)name_fn,
+                           (rl_tensor_data_fn)(uintptr_t)data_fn, (rl_tensor_size_fn)(uintptr_t)size_fn, &head);
+        Py_END_ALLOW_THREADS
+        if (code != RL_OK) {
+            raise_code(code);
+        } else {
+            rl_head_free(self->head);
+            self->head = head, self->n_vocab = n_vocab, self->n_embd = n_embd, self->max_rows = (int)max_rows;
+            rc = 0;
+        }
+    }
+    PyBuffer_Release(&w);
+    return rc;
+}
+
+static void OutputLayer_dealloc(OutputLayerObject *self) {
+    rl_head_free(self->head);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int head_ready(OutputLayerObject *self) {
+    if (self->head) return 0;
+    PyErr_SetString(PyExc_RuntimeError, "OutputLayer.__init__ was not called");
+    return -1;
+}
+
+static PyObject *OutputLayer_arm(OutputLayerObject *self, PyObject *on) {
+    if (head_ready(self)) return NULL;
+    int armed = PyObject_IsTrue(on);
+    if (armed < 0) return NULL;
+    rl_head_arm(self->head, armed);
+    Py_RETURN_NONE;
+}
+
+/* Fills `out` (writable, C-contiguous float32, rows x n_vocab) from x or the captured rows. */
+static PyObject *head_fill(OutputLayerObject *self, PyObject *x_obj, PyObject *out_obj, Py_ssize_t n_threads) {
+    Py_buffer out, x = {0};
+    if (PyObject_GetBuffer(out_obj, &out, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) return NULL;
+    PyObject *result = NULL;
+    int rows = x_obj ? 0 : rl_head_captured(self->head);
+    if (x_obj && PyObject_GetBuffer(x_obj, &x, PyBUF_C_CONTIGUOUS) < 0) goto done;
+    if (x_obj) {
+        if (x.len % (self->n_embd * 4)) {
+            PyErr_Format(PyExc_ValueError, "x must hold rows of %zd float32", self->n_embd);
+            goto done;
+        }
+        rows = (int)(x.len / (self->n_embd * 4));
+    }
+    if (rows < 1 || rows > self->max_rows) {
+        PyErr_Format(PyExc_ValueError, rows < 0 ? "the decode's hidden states did not fit (more than %d rows)"
+                     : "OutputLayer has %d rows at most and none captured or given", self->max_rows);
+        goto done;
+    }
+    if (out.len < (Py_ssize_t)rows * self->n_vocab * 4) {
+        PyErr_Format(PyExc_ValueError, "out holds %zd bytes, %zd needed", out.len, (Py_ssize_t)rows * self->n_vocab * 4);
+        goto done;
+    }
+    if (n_threads < 1) {
+        PyErr_Format(PyExc_ValueError, "n_threads must be >= 1, got %zd", n_threads);
+        goto done;
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = x_obj ? rl_head_logits_of(self->head, x.buf, rows, (int)n_threads, out.buf)
+               : rl_head_logits(self->head, (int)n_threads, out.buf);
+    Py_END_ALLOW_THREADS
+    result = rc == RL_OK ? PyLong_FromLong(rows) : raise_code(rc);
+done:
+    if (x_obj && x.obj) PyBuffer_Release(&x);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+static PyObject *OutputLayer_logits(OutputLayerObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"out", "n_threads", NULL};
+    PyObject *out;
+    Py_ssize_t n_threads;
+    if (head_ready(self) || !PyArg_ParseTupleAndKeywords(args, kwds, "On:logits", kwlist, &out, &n_threads))
+        return NULL;
+    return head_fill(self, NULL, out, n_threads);
+}
+
+static PyObject *OutputLayer_logits_of(OutputLayerObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"x", "out", "n_threads", NULL};
+    PyObject *x, *out;
+    Py_ssize_t n_threads;
+    if (head_ready(self) || !PyArg_ParseTupleAndKeywords(args, kwds, "OOn:logits_of", kwlist, &x, &out, &n_threads))
+        return NULL;
+    return head_fill(self, x, out, n_threads);
+}
+
+static PyObject *OutputLayer_get_captured(OutputLayerObject *self, void *Py_UNUSED(c)) {
+    if (head_ready(self)) return NULL;
+    return PyLong_FromLong(rl_head_captured(self->head));
+}
+
+static PyObject *OutputLayer_get_callback(OutputLayerObject *Py_UNUSED(self), void *Py_UNUSED(c)) {
+    return PyLong_FromVoidPtr((void *)(uintptr_t)&rl_head_eval_callback);
+}
+
+static PyObject *OutputLayer_get_user_data(OutputLayerObject *self, void *Py_UNUSED(c)) {
+    if (head_ready(self)) return NULL;
+    return PyLong_FromVoidPtr(self->head);
+}
+
+static PyMethodDef OutputLayer_methods[] = {
+    {"arm", (PyCFunction)OutputLayer_arm, METH_O,
+     "arm(on)\n--\n\nWhile armed, the eval callback captures the hidden states and stops the graph."},
+    {"logits", (PyCFunction)(void (*)(void))OutputLayer_logits, METH_VARARGS | METH_KEYWORDS,
+     "logits(out, n_threads)\n--\n\nThe captured rows' logits into out (rows x n_vocab float32); returns rows."},
+    {"logits_of", (PyCFunction)(void (*)(void))OutputLayer_logits_of, METH_VARARGS | METH_KEYWORDS,
+     "logits_of(x, out, n_threads)\n--\n\nThe logits of hidden states x (rows x n_embd float32) into out."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef OutputLayer_getset[] = {
+    {"captured", (getter)OutputLayer_get_captured, NULL, "Rows captured by the last armed decode (-1: too many).", NULL},
+    {"callback", (getter)OutputLayer_get_callback, NULL, "Address of the ggml eval callback (cb_eval).", NULL},
+    {"user_data", (getter)OutputLayer_get_user_data, NULL, "Its user data (cb_eval_user_data).", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject OutputLayerType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "racer_local._native.OutputLayer",
+    .tp_doc = "OutputLayer(weights, n_vocab, n_embd, max_rows, name_fn, data_fn, size_fn)\n--\n\n"
+              "A q8_0 output layer for batches of rows on the CPU (spec: native/output_layer.h).",
+    .tp_basicsize = sizeof(OutputLayerObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)OutputLayer_init,
+    .tp_dealloc = (destructor)OutputLayer_dealloc,
+    .tp_methods = OutputLayer_methods,
+    .tp_getset = OutputLayer_getset,
+};
+
+static PyObject *output_layer_supported(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored)) {
+    return PyBool_FromLong(rl_head_supported());
+}
+
 static PyMethodDef module_methods[] = {
     {"topk_rows", (PyCFunction)(void (*)(void))topk_rows, METH_VARARGS | METH_KEYWORDS,
      "topk_rows(logits, k)\n--\n\n"
      "Top-k column ids of each row of a C-contiguous float32 (n, vocab) array, as int32 (n, k),\n"
      "by value desc then id asc, NaN as -inf; 1 <= k <= vocab. Releases the GIL."},
+    {"output_layer_supported", output_layer_supported, METH_NOARGS,
+     "output_layer_supported()\n--\n\nWhether this CPU runs OutputLayer's kernel (AVX-512 VNNI)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -323,12 +500,18 @@ static struct PyModuleDef native_module = {
 };
 
 PyMODINIT_FUNC PyInit__native(void) {
-    if (PyType_Ready(&NgramIndexType) < 0) return NULL;
+    if (PyType_Ready(&NgramIndexType) < 0 || PyType_Ready(&OutputLayerType) < 0) return NULL;
     PyObject *m = PyModule_Create(&native_module);
     if (!m) return NULL;
     Py_INCREF(&NgramIndexType);
     if (PyModule_AddObject(m, "NgramIndex", (PyObject *)&NgramIndexType) < 0) {
         Py_DECREF(&NgramIndexType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&OutputLayerType);
+    if (PyModule_AddObject(m, "OutputLayer", (PyObject *)&OutputLayerType) < 0) {
+        Py_DECREF(&OutputLayerType);
         Py_DECREF(m);
         return NULL;
     }

@@ -20,6 +20,7 @@ import llama_cpp as ll
 import numpy as np
 
 from racer_local import defaults
+from racer_local import output_layer as native_output
 from racer_local.errors import ContextFullError, DecodeError, ModelError
 from racer_local.gguf import check_gguf
 from racer_local.topk import TopK
@@ -64,8 +65,12 @@ class Backend:
         n_seq_max: int = 64,
         n_batch: int = 512,
         rpc: str | Sequence[str] = (),
+        output_layer: str = defaults.OUTPUT_LAYER,
     ) -> None:
-        """`rpc`: HOST:PORT of llama.cpp RPC workers that take every layer but the output (rpc.py)."""
+        """`rpc`: HOST:PORT of llama.cpp RPC workers that take every layer but the output (rpc.py).
+        `output_layer`: who computes the logits of a batch of 2 or more rows, "native" (racer-local's
+        own, output_layer.py: an error where it cannot serve), "llama.cpp", or "auto" (native
+        where it can serve; use_native_output() may still turn it off)."""
         if n_ctx < 16:
             raise ValueError(f"n_ctx must be at least 16, got {n_ctx}")
         if not 2 <= n_seq_max <= 256:
@@ -74,12 +79,16 @@ class Backend:
             raise ValueError(f"threads must be at least 1, got {n_threads}")
         if rpc and n_gpu_layers:
             raise ValueError("with RPC workers the layers go to them: leave n_gpu_layers at 0")
+        if output_layer not in native_output.WHERE:
+            raise ValueError(f"output_layer must be one of {', '.join(native_output.WHERE)}, "
+                             f"got {output_layer!r}")
         self.model_path = Path(model_path)
-        check_gguf(self.model_path)
+        header = check_gguf(self.model_path)
         init_llama()
         self.n_threads = n_threads or default_threads()
         self.n_seq_max = n_seq_max
         self._model = self._ctx = self._batch = None
+        self._chains: list = []  # the top-k sampler chains attached, one per sequence id
 
         mparams = ll.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
@@ -100,6 +109,16 @@ class Backend:
         self.n_gpu_layers = n_gpu_layers
         self._vocab = ll.llama_model_get_vocab(self._model)
         self.n_vocab = ll.llama_vocab_n_tokens(self._vocab)
+        self._head = self._native = None  # racer-local's output layer (output_layer.py), if loaded
+        on_cpu = n_gpu_layers == 0 and not self.rpc
+        self.output_layer_why = ("llama.cpp's was asked for" if output_layer == "llama.cpp"
+                                 else native_output.unavailable(header, self.n_vocab, on_cpu=on_cpu))
+        if output_layer == "native" and self.output_layer_why:
+            self.close()
+            raise ModelError(f"racer-local's output layer cannot serve {self.model_path.name}: "
+                             f"{self.output_layer_why}; use llama.cpp's (--output-layer llama.cpp)")
+        if self.output_layer_why is None:
+            self._head = native_output.load(self.model_path, header, max_rows=n_seq_max)
 
         cparams = ll.llama_context_default_params()
         cparams.n_ctx = n_ctx
@@ -111,6 +130,9 @@ class Backend:
         # and llama.cpp's default lets a sampled sequence have one output per batch.
         cparams.n_outputs_max_per_seq = n_batch
         cparams.no_perf = True
+        if self._head is not None:  # it watches every decode, and stops the armed ones at the norm
+            cparams.cb_eval = ll.ggml_backend_sched_eval_callback(self._head.callback)
+            cparams.cb_eval_user_data = self._head.user_data
         self._ctx = ll.llama_init_from_model(self._model, cparams)
         if not self._ctx:
             self.close()
@@ -128,8 +150,48 @@ class Backend:
         ]
         self._pieces: dict[int, bytes] = {}
         self.top_k = 0  # 0: decode returns full logits rows; else TopK rows of this many
-        self._chains: list = []  # the top-k sampler chains attached, one per sequence id
-        self.call_s = self.read_s = 0.0  # the last decode's llama_decode call and its rows' read
+        self.call_s = self.read_s = 0.0  # the last decode's forward pass and its rows' read
+        if self._head is not None:
+            self._check_native_output(strict=output_layer == "native")
+
+    # ----- racer-local's output layer ---------------------------------------------------------
+
+    @property
+    def output_layer(self) -> str:
+        """Who computes the logits of a batch of MIN_ROWS or more rows now."""
+        return "native" if self._native is not None else "llama.cpp"
+
+    @property
+    def native_output_loaded(self) -> bool:
+        """racer-local's output layer serves this model here (whether or not it is in use)."""
+        return self._head is not None
+
+    def use_native_output(self, on: bool) -> None:
+        """Switch multi-row batches between racer-local's output layer (where it loaded) and
+        llama.cpp's; the cost curves of the two are measured apart."""
+        if on and self._head is None:
+            raise ModelError(f"racer-local's output layer cannot serve this model: {self.output_layer_why}")
+        if on and self._native is None:
+            self._native = np.empty((self.n_seq_max, self.n_vocab), dtype=np.float32)  # its rows
+        elif not on:
+            self._native = None
+
+    def _check_native_output(self, *, strict: bool) -> None:
+        """Compare a probe batch's logits both ways before trusting racer-local's layer: a graph
+        that does more after the final norm than the output matrix would show here."""
+        seq, n = self.n_seq_max - 1, native_output.PROBE_ROWS
+        tokens = [(self.bos + 97 * i) % self.n_vocab for i in range(n)]
+        rows = []
+        for on in (False, True):
+            self.use_native_output(on)
+            rows.append(self.decode(tokens, range(n), [(seq,)] * n).copy())
+            self.seq_rm(seq)
+        if not native_output.agrees(rows[1], rows[0]):
+            self.use_native_output(False)
+            self._head, self.output_layer_why = None, "its logits differ from llama.cpp's on a probe"
+            if strict:
+                raise ModelError(f"racer-local's output layer cannot serve {self.model_path.name}: "
+                                 f"{self.output_layer_why}; use llama.cpp's (--output-layer llama.cpp)")
 
     # ----- lifetime -------------------------------------------------------------------------
 
@@ -231,9 +293,9 @@ class Backend:
     ) -> np.ndarray:
         """Decode one batch; return the logits of its last `n_logits` tokens (default all).
 
-        The result is a float32 view of llama.cpp's own buffer, shape (n_logits, n_vocab),
-        valid until the next decode: copy what must outlive it (with set_top_k: a TopK of its
-        own). seq_ids default to sequence 0.
+        The result is a float32 view of llama.cpp's own buffer (or of racer-local's output
+        layer's), shape (n_logits, n_vocab), valid until the next decode: copy what must outlive
+        it (with set_top_k: a TopK of its own). seq_ids default to sequence 0.
         """
         n = len(tokens)
         if not 0 < n <= self.n_batch:
@@ -252,19 +314,40 @@ class Backend:
                 self._n_seq[i] = len(ids)
                 self._seq[i][: len(ids)] = ids
         self._batch.n_tokens = n
+        native = (self._native is not None and not self.top_k
+                  and native_output.MIN_ROWS <= n_logits <= len(self._native))
         t0 = time.perf_counter()
-        rc = ll.llama_decode(self._ctx, self._batch)
-        t1 = time.perf_counter()
-        if rc != 0:
-            self._raise_decode_error(rc, n)
-        if n_logits == 0:
-            rows = self._no_rows()
-        elif self.top_k:
-            rows = self._read_top_k(n - n_logits, n)
+        if native:  # its logits are part of the forward pass: nothing left to read
+            rows = self._decode_native(n_logits)
+            t1 = time.perf_counter()
         else:
-            rows = np.ctypeslib.as_array(ll.llama_get_logits(self._ctx), shape=(n_logits, self.n_vocab))
+            rc = ll.llama_decode(self._ctx, self._batch)
+            t1 = time.perf_counter()
+            if rc != 0:
+                self._raise_decode_error(rc, n)
+            if n_logits == 0:
+                rows = self._no_rows()
+            elif self.top_k:
+                rows = self._read_top_k(n - n_logits, n)
+            else:
+                rows = np.ctypeslib.as_array(ll.llama_get_logits(self._ctx), shape=(n_logits, self.n_vocab))
         self.call_s, self.read_s = t1 - t0, time.perf_counter() - t1
         return rows
+
+    def _decode_native(self, n_logits: int) -> np.ndarray:
+        """llama.cpp's graph up to the final norm, then racer-local's output layer."""
+        self._head.arm(True)
+        try:
+            rc = ll.llama_decode(self._ctx, self._batch)
+        finally:
+            self._head.arm(False)
+        if rc != 0:
+            self._raise_decode_error(rc, self._batch.n_tokens)
+        if self._head.captured != n_logits:
+            raise DecodeError(f"racer-local's output layer captured {self._head.captured} hidden states, "
+                              f"not {n_logits}; run with --output-layer llama.cpp")
+        self._head.logits(self._native, self.n_threads)
+        return self._native[:n_logits]
 
     def set_top_k(self, k: int) -> None:
         """From the next decode on, return each row's best k tokens (TopK), taken inside the

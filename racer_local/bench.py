@@ -282,7 +282,8 @@ def environment(engine) -> dict:
             "python": platform.python_version(), "platform": platform.platform(), "cpu": cpu,
             "cpu_count": os.cpu_count(), "threads": b.n_threads, "n_ctx": b.n_ctx,
             "n_gpu_layers": b.n_gpu_layers, "rpc": list(b.rpc), "candidates": engine.candidates,
-            "top_k_on_backend": b.top_k}
+            "top_k_on_backend": b.top_k, "output_layer": b.output_layer,
+            "output_layer_why": b.output_layer_why}
 
 
 def cost_curve(engine) -> dict:
@@ -362,8 +363,8 @@ def _runners(engine, pairs, sampling: dict, binary, build_error: str | None) -> 
 
 def run(*, model, threads, n_ctx, n_gpu_layers, suite: str, data_dir, methods: list[str],
         limit: int | None, max_tokens: int, sampling: dict, out: Path, command: str,
-        llama_server=None, rpc=(), candidates: str = "auto", same_text: bool = False,
-        repeats: int = 1, echo=print) -> dict:
+        llama_server=None, rpc=(), candidates: str = "auto", output_layer: str = "auto",
+        same_text: bool = False, repeats: int = 1, echo=print) -> dict:
     """Load the model, run every method on the suite's prompts, write the three files; the data.
 
     llama.cpp's methods need a llama-server: `llama_server` if given, else the cached build for
@@ -396,7 +397,7 @@ def run(*, model, threads, n_ctx, n_gpu_layers, suite: str, data_dir, methods: l
             peer = {"llama_server": None, "error": str(e)}
             echo(f"llama.cpp peers will be reported as failed: {e}")
     with Engine(model, n_ctx=n_ctx, threads=threads, n_gpu_layers=n_gpu_layers, rpc=rpc or (),
-                candidates=candidates) as engine:
+                candidates=candidates, output_layer=output_layer) as engine:
         engine.backend.set_top_k(engine.top_k(Sampler(**sampling).needs_full_rows))  # the runs' rows
         curve = cost_curve(engine)  # measured now if not cached, never during the runs
         runners = _runners(engine, pairs, sampling, binary, peer.get("error"))

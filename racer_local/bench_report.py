@@ -68,7 +68,12 @@ def _rows(env: dict) -> str:
         return ""
     where = f"each node's top {env['top_k_on_backend']} from llama.cpp's graph" if env["top_k_on_backend"] \
         else "full logits rows on the host"
-    return f"racer-local read {where} (--candidates {env['candidates']})."
+    line = f"racer-local read {where} (--candidates {env['candidates']})."
+    if env.get("output_layer") == "native":
+        line += " Rows of batches of 2 or more came from racer-local's own output layer (--output-layer)."
+    elif env.get("output_layer_why"):
+        line += f" llama.cpp computed every row (racer-local's output layer: {env['output_layer_why']})."
+    return line
 
 
 def _method_table(data: dict) -> list[str]:

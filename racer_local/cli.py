@@ -13,6 +13,7 @@ from racer_local import defaults
 from racer_local.bench_suites import ENV_DATA, SUITES
 from racer_local.drafters import DRAFTERS
 from racer_local.errors import RacerError
+from racer_local.output_layer import WHERE as OUTPUT_LAYERS
 from racer_local.rpc import DEFAULT_PORT as RPC_PORT
 from racer_local.sampling import Sampler
 from racer_local.stats import Stats
@@ -38,7 +39,16 @@ def _friendly_errors(fn):
     return wrapper
 
 
+ENGINE_OPTIONS = ("model", "threads", "n_ctx", "n_gpu_layers", "rpc", "candidates", "output_layer")
+
+
 def model_options(fn):
+    """The options that load a model, handed to the command as one dict, `engine`."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return fn(*args, engine={name: kwargs.pop(name) for name in ENGINE_OPTIONS}, **kwargs)
+
     for option in reversed(
         [
             click.option("-m", "--model", envvar="RACER_LOCAL_MODEL",
@@ -58,10 +68,15 @@ def model_options(fn):
                               "graph (backend: only k tokens a node reach the host), from full logits "
                               "rows (host), or whichever measured faster here (auto). Sampling reads "
                               "full rows."),
+            click.option("--output-layer", type=click.Choice(OUTPUT_LAYERS), default=defaults.OUTPUT_LAYER,
+                         show_default=True,
+                         help="Who computes the logits of a tree's rows: racer-local's own layer (native: "
+                              "a CPU with AVX-512 VNNI and q8_0 output weights), llama.cpp's, or native "
+                              "where it serves and measured faster here (auto)."),
         ]
     ):
-        fn = option(fn)
-    return fn
+        wrapper = option(wrapper)
+    return wrapper
 
 
 def sampling_options(fn):
@@ -98,11 +113,16 @@ def sampling_options(fn):
     return fn
 
 
-def _engine(model, threads, n_ctx, n_gpu_layers, rpc, candidates):
+def _engine(model, threads, n_ctx, n_gpu_layers, rpc, candidates, output_layer):
     from racer_local.engine import Engine  # imports llama.cpp: keep `--help` fast
 
     return Engine(model, n_ctx=n_ctx, threads=threads, n_gpu_layers=n_gpu_layers, rpc=rpc or (),
-                  candidates=candidates)
+                  candidates=candidates, output_layer=output_layer)
+
+
+def _chat_engine(engine: dict):
+    """chat and serve: the registry's chat model unless one is named."""
+    return _engine(**{**engine, "model": engine["model"] or _chat_model()})
 
 
 @click.group()
@@ -126,8 +146,7 @@ def main():
               help="A file with text the output will likely repeat (an edited file): drafts copy from "
                    "it, the output stays the model's own.")
 @_friendly_errors
-def generate(prompt, model, threads, n_ctx, n_gpu_layers, rpc, candidates, max_tokens, method, stop, as_json,
-             compare, prediction, **sampling):
+def generate(prompt, engine, max_tokens, method, stop, as_json, compare, prediction, **sampling):
     """Generate a continuation of PROMPT ('-' reads it from stdin)."""
     if max_tokens < 1:
         raise click.ClickException(f"--max-tokens must be at least 1, got {max_tokens}")
@@ -137,7 +156,7 @@ def generate(prompt, model, threads, n_ctx, n_gpu_layers, rpc, candidates, max_t
         raise click.ClickException("the prompt is empty: give some text to continue")
     options = dict(max_tokens=max_tokens, stop=stop, prediction=prediction.read() if prediction else None,
                    **sampling)
-    with _engine(model, threads, n_ctx, n_gpu_layers, rpc, candidates) as engine:
+    with _engine(**engine) as engine:
         baseline = None
         if compare:
             engine.generate(prompt, max_tokens=8, method="ar")  # warm-up: page in the weights
@@ -187,8 +206,7 @@ def _speedup(stats: Stats, base: Stats) -> float:
               help="Refuse a message that overflows the context instead of dropping the oldest turns.")
 @click.option("--stats", "show_stats", is_flag=True, help="Print stats after every reply.")
 @_friendly_errors
-def chat(model, threads, n_ctx, n_gpu_layers, rpc, candidates, system, max_tokens, method, chat_format,
-         no_truncate, show_stats, **sampling):
+def chat(engine, system, max_tokens, method, chat_format, no_truncate, show_stats, **sampling):
     """Chat with a model in the terminal, replies streamed (/help lists the commands)."""
     from racer_local.chat import ChatSession, banner
 
@@ -196,7 +214,7 @@ def chat(model, threads, n_ctx, n_gpu_layers, rpc, candidates, system, max_token
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    with _engine(model or _chat_model(), threads, n_ctx, n_gpu_layers, rpc, candidates) as engine:
+    with _chat_engine(engine) as engine:
         engine.chat_format = chat_format
         click.echo(banner(engine, method))
         session = ChatSession(engine, system=system, show_stats=show_stats,
@@ -225,7 +243,7 @@ def _chat_model() -> str:
 @click.option("--max-queue", type=click.IntRange(min=1),
               help="Requests running or waiting before new ones are answered 503 (default: 16).")
 @_friendly_errors
-def serve(model, threads, n_ctx, n_gpu_layers, rpc, candidates, host, port, api_key, method, max_queue):
+def serve(engine, host, port, api_key, method, max_queue):
     """An OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models) with a
     web chat at /."""
     from racer_local.server import serve as run_server
@@ -233,7 +251,7 @@ def serve(model, threads, n_ctx, n_gpu_layers, rpc, candidates, host, port, api_
     if host not in LOOPBACK and not api_key:
         click.echo(f"warning: serving on {host} without --api-key: anyone who can reach this machine "
                    "can use the model", err=True)
-    with _engine(model or _chat_model(), threads, n_ctx, n_gpu_layers, rpc, candidates) as engine:
+    with _chat_engine(engine) as engine:
         engine.default_method = method
         click.echo(f"racer-local: http://{host}:{port}/ (web chat), OpenAI API at http://{host}:{port}/v1",
                    err=True)
@@ -327,16 +345,14 @@ def _command_line(params: dict) -> str:
 @click.option("-o", "--out", type=click.Path(file_okay=False), default="bench-out", show_default=True,
               help="Directory for results.json, report.md and speedup.png.")
 @_friendly_errors
-def bench(model, threads, n_ctx, n_gpu_layers, rpc, candidates, suite, data, methods, llama_server, limit,
-          max_tokens, same_text, repeats, out, **sampling):
+def bench(engine, suite, data, methods, llama_server, limit, max_tokens, same_text, repeats, out, **sampling):
     """Measure each method's decode speedup over plain decoding on public prompt sets."""
     from racer_local import bench as bench_lib
     from racer_local.bench_report import report
     from racer_local.bench_suites import find_data_dir
 
     command = _command_line(click.get_current_context().params)
-    result = bench_lib.run(model=model, threads=threads, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, rpc=rpc,
-                           candidates=candidates, suite=suite, data_dir=find_data_dir(data),
+    result = bench_lib.run(**engine, suite=suite, data_dir=find_data_dir(data),
                            methods=_parse_methods(methods),
                            limit=limit, max_tokens=max_tokens, sampling=sampling, out=out,
                            command=command, llama_server=llama_server, same_text=same_text, repeats=repeats,

@@ -173,11 +173,14 @@ def cached(backend: Backend) -> CostCurve:
 
 
 def _key(backend: Backend, *what) -> str:
-    """What a measurement here depends on: model file, threads, offload, batch, llama.cpp, CPU."""
+    """What a measurement here depends on: model file, threads, offload, batch, output layer,
+    llama.cpp, CPU."""
     import llama_cpp
 
     st = backend.model_path.stat()
     where = [backend.n_gpu_layers, *([list(backend.rpc)] if backend.rpc else [])]  # RPC workers too
+    if backend.output_layer != "llama.cpp":  # (curves measured before it existed keep their keys)
+        where.append(backend.output_layer)
     return json.dumps([str(backend.model_path.resolve()), st.st_size, st.st_mtime_ns, backend.n_threads,
                        *where, backend.n_batch, llama_cpp.__version__, platform.processor(),
                        os.cpu_count(), *what])
@@ -225,19 +228,57 @@ def _time_rows(backend: Backend, k: int, sizes=(1, 16), repeats: int = 3) -> tup
     try:
         for mode in (0, k, 0, k):
             backend.set_top_k(mode)
-            t = 0.0
-            with _scratch(backend) as decode:
-                for n in sizes:
-                    runs = []
-                    for _ in range(repeats):
-                        start = time.perf_counter()
-                        topk.top(decode(n), k)
-                        runs.append(time.perf_counter() - start)
-                    t += min(runs)
-            best[mode] = min(best[mode], t)
+            best[mode] = min(best[mode], _time_sizes(backend, sizes, repeats, lambda rows: topk.top(rows, k)))
     finally:
         backend.set_top_k(was)
     return best[0], best[k]
+
+
+_native_memo: dict[str, bool] = {}
+
+# racer-local's output layer must beat llama.cpp's by this much to be chosen. Here it is faster
+# by 30-40% on gemma-3-270m and 10-15% on Qwen2.5-Coder-0.5B (output_layer.py).
+NATIVE_MARGIN = 0.95
+
+
+def native_output_pays(backend: Backend) -> bool:
+    """Whether multi-row batches here are clearly faster through racer-local's output layer than
+    through llama.cpp's (rows read included): measured once per model, threads and CPU, kept on
+    disk. The backend is left on the faster one."""
+    key = _key(backend, "output-layer")
+    if key not in _native_memo:
+        path = _path(key)
+        try:
+            _native_memo[key] = bool(json.loads(path.read_text())["native"])
+        except (OSError, ValueError, KeyError):
+            best = {False: np.inf, True: np.inf}
+            for on in (False, True, False, True):  # alternated: noise hits both alike
+                backend.use_native_output(on)
+                best[on] = min(best[on], _time_sizes(backend, (2, 8), repeats=3))
+            pays = best[True] < NATIVE_MARGIN * best[False]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"key": key, "llama_cpp_s": best[False], "native_s": best[True],
+                                        "native": pays}))
+            _native_memo[key] = pays
+    backend.use_native_output(_native_memo[key])
+    if not _native_memo[key]:
+        backend.output_layer_why = "it measured no faster than llama.cpp's here"
+    return _native_memo[key]
+
+
+def _time_sizes(backend: Backend, sizes, repeats: int, read=lambda rows: rows) -> float:
+    """Seconds to decode one batch of each size and `read` its rows, the fastest of `repeats`,
+    summed."""
+    total = 0.0
+    with _scratch(backend) as decode:
+        for n in sizes:
+            runs = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                read(decode(n))
+                runs.append(time.perf_counter() - start)
+            total += min(runs)
+    return total
 
 
 def plausible(curve: CostCurve) -> bool:

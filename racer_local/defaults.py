@@ -8,3 +8,7 @@ CHAT_MAX_TOKENS = 512  # chat replies: long answers without running on for ever
 # Where greedy verification takes each node's top-k: "backend" inside llama.cpp's graph, "host"
 # from full rows; "auto" measures which is faster for the model on this machine (costmodel).
 CANDIDATES = "auto"
+# Who computes the logits of a multi-row batch (a tree's verification): "native" is racer-local's
+# own output layer (output_layer.py), "llama.cpp" llama.cpp's; "auto" measures which is faster
+# for the model on this machine where the native one can serve (costmodel).
+OUTPUT_LAYER = "auto"

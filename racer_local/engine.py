@@ -121,6 +121,7 @@ class Engine:
         threads: int | None = None,
         rpc: str | Sequence[str] = (),
         candidates: str = defaults.CANDIDATES,
+        output_layer: str = defaults.OUTPUT_LAYER,
     ) -> None:
         """Load `model`: a .gguf path, a name from models.toml, or None for the embedded model.
         n_gpu_layers offloads layers to a GPU build of llama.cpp (-1: all); 0 is CPU only.
@@ -128,11 +129,16 @@ class Engine:
         model's layers, the output layer staying here (see rpc.py).
         candidates: where greedy verification takes each node's top-k, "backend" (inside
         llama.cpp's graph: only k tokens a node reach the host), "host" (from full logits rows)
-        or "auto" (whichever measured faster here; sampling always reads full rows)."""
+        or "auto" (whichever measured faster here; sampling always reads full rows).
+        output_layer: who computes the logits of a tree's rows, "native" (racer-local's own, on a
+        CPU with AVX-512 VNNI and a q8_0 output matrix: output_layer.py), "llama.cpp", or "auto"
+        (native where it can serve and measured faster here)."""
         self.candidates = candidates  # checked before the model loads
         self.model_path = resolve_model(model)
         self.backend = Backend(self.model_path, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=n_gpu_layers,
-                               rpc=rpc)
+                               rpc=rpc, output_layer=output_layer)
+        if output_layer == "auto" and self.backend.output_layer == "native":
+            costmodel.native_output_pays(self.backend)  # leaves the backend on the faster layer
         self._busy = threading.Lock()
         self._streams = weakref.WeakSet()  # the cancel flags of streams requested, not finished
         self._streams_lock = threading.Lock()

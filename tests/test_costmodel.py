@@ -66,8 +66,9 @@ def fake_backend(tmp_path, monkeypatch):
         return CostCurve((1, 2), (0.01, 0.02))
 
     monkeypatch.setattr(costmodel, "measure", measure)
+    # n_ctx: too small a window for the long context, so the short curve is all
     backend = SimpleNamespace(model_path=model, n_threads=2, n_gpu_layers=0, rpc=(), n_batch=512, top_k=0,
-                              n_ctx=512)  # too small a window for the long context: the short curve is all
+                              n_ctx=512, output_layer="llama.cpp")
     return backend, measured
 
 
@@ -78,6 +79,18 @@ def test_the_curve_is_measured_once_then_read_from_disk(fake_backend, monkeypatc
     costmodel._memo.clear()
     assert costmodel.cached(backend).seconds == (0.01, 0.02)
     assert len(measured) == 1
+
+
+def test_each_output_layer_has_its_own_curve(fake_backend, monkeypatch):
+    """racer-local's output layer changes what a tree costs: its curve is measured apart."""
+    backend, measured = fake_backend
+    monkeypatch.setattr(costmodel, "_busy", lambda: False)
+    costmodel.cached(backend)
+    backend.output_layer = "native"
+    costmodel.cached(backend)
+    backend.output_layer = "llama.cpp"
+    costmodel.cached(backend)
+    assert len(measured) == 2
 
 
 @pytest.mark.parametrize("busy_then, seconds", [(True, [0.01, 0.02]), (False, [0.01, 0.001])])
@@ -143,3 +156,25 @@ def test_the_curve_is_measured_after_both_contexts_beside_the_committed_text(mod
         curve = costmodel.measure(backend, sizes=(1, 2, 4), repeats=1)
         assert curve.long is not None and len(curve.long) == 3
         assert all(backend.pos_max(seq) == -1 for seq in range(backend.n_seq_max))  # nothing left behind
+
+
+@pytest.mark.parametrize("native_s,chosen", [(0.05, True), (0.098, False)])
+def test_the_output_layer_is_chosen_by_measurement_once(fake_backend, monkeypatch, native_s, chosen):
+    backend, _ = fake_backend
+    backend.output_layer = "native"
+    backend.output_layer_why = None
+    state, timed = {}, []
+    backend.use_native_output = lambda on: state.update(on=on)
+
+    def time_sizes(b, sizes, repeats):
+        timed.append(state["on"])
+        return native_s if state["on"] else 0.1
+
+    monkeypatch.setattr(costmodel, "_time_sizes", time_sizes)
+    assert costmodel.native_output_pays(backend) is chosen
+    assert timed == [False, True, False, True]  # alternated, so noise hits both alike
+    assert state["on"] is chosen
+    assert (backend.output_layer_why is None) is chosen
+    costmodel._native_memo.clear()
+    assert costmodel.native_output_pays(backend) is chosen  # from disk, no timing
+    assert len(timed) == 4

@@ -96,13 +96,19 @@ def prompts():
     return _prompts()
 
 
-@pytest.fixture(params=["host", "backend"])
+@pytest.fixture(params=["native", "host", "backend"])
 def rows_from(engine, request):
-    """The engine reading full rows on the host, then each node's top-k from llama.cpp's graph
-    (the GPU path, forced here on the CPU)."""
-    engine.candidates = request.param
+    """The engine reading full rows on the host, computed by racer-local's output layer (native)
+    or by llama.cpp's (host), then each node's top-k from llama.cpp's graph (the GPU path,
+    forced here on the CPU)."""
+    backend, was = engine.backend, engine.backend.output_layer
+    if request.param == "native" and not backend.native_output_loaded:
+        pytest.skip(f"racer-local's output layer cannot serve here: {backend.output_layer_why}")
+    backend.use_native_output(request.param == "native")
+    engine.candidates = "backend" if request.param == "backend" else "host"
     yield request.param
     engine.candidates = "auto"
+    backend.use_native_output(was == "native")
 
 
 def test_speculative_greedy_equals_plain_greedy(engine, rows_from, monkeypatch, prompts, record_property):
