@@ -375,12 +375,15 @@ static PyObject *OutputLayer_arm(OutputLayerObject *self, PyObject *on) {
     Py_RETURN_NONE;
 }
 
-/* Fills `out` (writable, C-contiguous float32, rows x n_vocab) from x or the captured rows. */
-static PyObject *head_fill(OutputLayerObject *self, PyObject *x_obj, PyObject *out_obj, Py_ssize_t n_threads) {
-    Py_buffer out, x = {0};
+/* Fills `out` (writable, C-contiguous float32, rows x n_vocab) from x or the captured rows; with
+ * `ids_obj` (writable int32, rows x k), each row's best k instead: ids there, logits in `out`. */
+static PyObject *head_fill(OutputLayerObject *self, PyObject *x_obj, PyObject *out_obj, PyObject *ids_obj,
+                           Py_ssize_t k, Py_ssize_t n_threads) {
+    Py_buffer out, ids = {0}, x = {0};
     if (PyObject_GetBuffer(out_obj, &out, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) return NULL;
     PyObject *result = NULL;
     int rows = x_obj ? 0 : rl_head_captured(self->head);
+    if (ids_obj && PyObject_GetBuffer(ids_obj, &ids, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) goto done;
     if (x_obj && PyObject_GetBuffer(x_obj, &x, PyBUF_C_CONTIGUOUS) < 0) goto done;
     if (x_obj) {
         if (x.len % (self->n_embd * 4)) {
@@ -394,7 +397,15 @@ static PyObject *head_fill(OutputLayerObject *self, PyObject *x_obj, PyObject *o
                      : "OutputLayer has %d rows at most and none captured or given", self->max_rows);
         goto done;
     }
-    if (out.len < (Py_ssize_t)rows * self->n_vocab * 4) {
+    if (ids_obj && (k < 1 || k > RL_HEAD_MAX_K || k > self->n_vocab)) {
+        PyErr_Format(PyExc_ValueError, "k must be in 1..%d (and at most n_vocab), got %zd", RL_HEAD_MAX_K, k);
+        goto done;
+    }
+    if (ids_obj && (out.len < (Py_ssize_t)rows * k * 4 || ids.len < (Py_ssize_t)rows * k * 4)) {
+        PyErr_Format(PyExc_ValueError, "ids and logits must hold %zd values each (rows x k)", (Py_ssize_t)rows * k);
+        goto done;
+    }
+    if (!ids_obj && out.len < (Py_ssize_t)rows * self->n_vocab * 4) {
         PyErr_Format(PyExc_ValueError, "out holds %zd bytes, %zd needed", out.len, (Py_ssize_t)rows * self->n_vocab * 4);
         goto done;
     }
@@ -403,13 +414,22 @@ static PyObject *head_fill(OutputLayerObject *self, PyObject *x_obj, PyObject *o
         goto done;
     }
     int rc;
+    const float *hidden = x_obj ? x.buf : NULL;
     Py_BEGIN_ALLOW_THREADS
-    rc = x_obj ? rl_head_logits_of(self->head, x.buf, rows, (int)n_threads, out.buf)
-               : rl_head_logits(self->head, (int)n_threads, out.buf);
+    if (ids_obj)
+        rc = hidden ? rl_head_top_k_of(self->head, hidden, rows, (int)n_threads, (int)k, ids.buf, out.buf)
+                    : rl_head_top_k(self->head, (int)n_threads, (int)k, ids.buf, out.buf);
+    else
+        rc = hidden ? rl_head_logits_of(self->head, hidden, rows, (int)n_threads, out.buf)
+                    : rl_head_logits(self->head, (int)n_threads, out.buf);
     Py_END_ALLOW_THREADS
-    result = rc == RL_OK ? PyLong_FromLong(rows) : raise_code(rc);
+    if (rc == RL_EINVAL && ids_obj)
+        PyErr_Format(PyExc_ValueError, "fewer than %zd of a row's logits are above -inf (NaN or -inf logits)", k);
+    else
+        result = rc == RL_OK ? PyLong_FromLong(rows) : raise_code(rc);
 done:
     if (x_obj && x.obj) PyBuffer_Release(&x);
+    if (ids_obj && ids.obj) PyBuffer_Release(&ids);
     PyBuffer_Release(&out);
     return result;
 }
@@ -420,7 +440,7 @@ static PyObject *OutputLayer_logits(OutputLayerObject *self, PyObject *args, PyO
     Py_ssize_t n_threads;
     if (head_ready(self) || !PyArg_ParseTupleAndKeywords(args, kwds, "On:logits", kwlist, &out, &n_threads))
         return NULL;
-    return head_fill(self, NULL, out, n_threads);
+    return head_fill(self, NULL, out, NULL, 0, n_threads);
 }
 
 static PyObject *OutputLayer_logits_of(OutputLayerObject *self, PyObject *args, PyObject *kwds) {
@@ -429,7 +449,27 @@ static PyObject *OutputLayer_logits_of(OutputLayerObject *self, PyObject *args, 
     Py_ssize_t n_threads;
     if (head_ready(self) || !PyArg_ParseTupleAndKeywords(args, kwds, "OOn:logits_of", kwlist, &x, &out, &n_threads))
         return NULL;
-    return head_fill(self, x, out, n_threads);
+    return head_fill(self, x, out, NULL, 0, n_threads);
+}
+
+static PyObject *OutputLayer_top_k(OutputLayerObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"k", "ids", "logits", "n_threads", NULL};
+    PyObject *ids, *logits;
+    Py_ssize_t k, n_threads;
+    if (head_ready(self) ||
+        !PyArg_ParseTupleAndKeywords(args, kwds, "nOOn:top_k", kwlist, &k, &ids, &logits, &n_threads))
+        return NULL;
+    return head_fill(self, NULL, logits, ids, k, n_threads);
+}
+
+static PyObject *OutputLayer_top_k_of(OutputLayerObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"x", "k", "ids", "logits", "n_threads", NULL};
+    PyObject *x, *ids, *logits;
+    Py_ssize_t k, n_threads;
+    if (head_ready(self) ||
+        !PyArg_ParseTupleAndKeywords(args, kwds, "OnOOn:top_k_of", kwlist, &x, &k, &ids, &logits, &n_threads))
+        return NULL;
+    return head_fill(self, x, logits, ids, k, n_threads);
 }
 
 static PyObject *OutputLayer_get_captured(OutputLayerObject *self, void *Py_UNUSED(c)) {
@@ -453,6 +493,11 @@ static PyMethodDef OutputLayer_methods[] = {
      "logits(out, n_threads)\n--\n\nThe captured rows' logits into out (rows x n_vocab float32); returns rows."},
     {"logits_of", (PyCFunction)(void (*)(void))OutputLayer_logits_of, METH_VARARGS | METH_KEYWORDS,
      "logits_of(x, out, n_threads)\n--\n\nThe logits of hidden states x (rows x n_embd float32) into out."},
+    {"top_k", (PyCFunction)(void (*)(void))OutputLayer_top_k, METH_VARARGS | METH_KEYWORDS,
+     "top_k(k, ids, logits, n_threads)\n--\n\nEach captured row's best k tokens into ids (rows x k int32) and\n"
+     "their logits into logits (rows x k float32), best first, ties to the smaller id; returns rows."},
+    {"top_k_of", (PyCFunction)(void (*)(void))OutputLayer_top_k_of, METH_VARARGS | METH_KEYWORDS,
+     "top_k_of(x, k, ids, logits, n_threads)\n--\n\nThe same for hidden states x (rows x n_embd float32)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -154,9 +154,30 @@ static void quantize_rows(rl_head *h, const float *x, int n_rows) {
     }
 }
 
-/* Logits of rows r0..r0+R-1 for the 16 vocabulary rows of group g. */
+/* Each row's best k so far (best first, ties to the smaller id: ids arrive in increasing order
+ * within a job); the caller has checked that (v, id) beats the last. */
+static void keep_best(float *vals, int32_t *ids, int k, float v, int32_t id) {
+    int p = k - 1;
+    for (; p > 0 && (vals[p - 1] < v || (vals[p - 1] == v && ids[p - 1] > id)); p--) {
+        vals[p] = vals[p - 1];
+        ids[p] = ids[p - 1];
+    }
+    vals[p] = v;
+    ids[p] = id;
+}
+
+/* Best k of the rows of one job, or where the rows go: one of out (logits) or vals/ids is set. */
+typedef struct {
+    float *out;    /* n_rows x n_vocab logits */
+    float *vals;   /* n_rows x k: each row's best k so far */
+    int32_t *ids;
+    int k;
+} sink;
+
+/* Logits of rows r0..r0+R-1 for the 16 vocabulary rows of group g, stored or kept if among
+ * their row's best k. */
 KERNEL static inline __attribute__((always_inline)) void tile(const rl_head *h, int64_t g, int r0, const int R,
-                                                               float *out) {
+                                                               const sink *to) {
     const uint8_t *cells = h->packed + (size_t)g * h->n_blocks * CELL_BYTES;
     __m512 acc[TILE];
     __m512i dot[TILE];
@@ -181,29 +202,46 @@ KERNEL static inline __attribute__((always_inline)) void tile(const rl_head *h, 
     }
     int64_t left = h->n_vocab - g * GROUP;
     __mmask16 keep = left >= GROUP ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
-    for (int r = 0; r < R; r++) _mm512_mask_storeu_ps(out + (size_t)(r0 + r) * h->n_vocab + g * GROUP, keep, acc[r]);
+    if (to->out) {
+        for (int r = 0; r < R; r++)
+            _mm512_mask_storeu_ps(to->out + (size_t)(r0 + r) * h->n_vocab + g * GROUP, keep, acc[r]);
+        return;
+    }
+    const int k = to->k;
+    for (int r = 0; r < R; r++) { /* once a row's list fills, few groups hold a value above its last */
+        float *vals = to->vals + (size_t)(r0 + r) * k;
+        int32_t *ids = to->ids + (size_t)(r0 + r) * k;
+        __mmask16 m = _mm512_mask_cmp_ps_mask(keep, acc[r], _mm512_set1_ps(vals[k - 1]), _CMP_GT_OQ);
+        if (!m) continue;
+        float v[GROUP];
+        _mm512_storeu_ps(v, acc[r]);
+        for (; m; m &= (__mmask16)(m - 1)) {
+            int i = __builtin_ctz(m);
+            if (v[i] > vals[k - 1]) keep_best(vals, ids, k, v[i], (int32_t)(g * GROUP + i));
+        }
+    }
 }
 
 typedef struct {
     const rl_head *h;
     int n_rows;
     int64_t g0, g1;
-    float *out;
+    sink to;
 } job;
 
 KERNEL static void *run(void *arg) {
     const job *j = arg;
     for (int64_t g = j->g0; g < j->g1; g++) {
         int r = 0;
-        for (; r + TILE <= j->n_rows; r += TILE) tile(j->h, g, r, TILE, j->out);
+        for (; r + TILE <= j->n_rows; r += TILE) tile(j->h, g, r, TILE, &j->to);
         switch (j->n_rows - r) { /* constant tile heights keep the accumulators in registers */
-            case 7: tile(j->h, g, r, 7, j->out); break;
-            case 6: tile(j->h, g, r, 6, j->out); break;
-            case 5: tile(j->h, g, r, 5, j->out); break;
-            case 4: tile(j->h, g, r, 4, j->out); break;
-            case 3: tile(j->h, g, r, 3, j->out); break;
-            case 2: tile(j->h, g, r, 2, j->out); break;
-            case 1: tile(j->h, g, r, 1, j->out); break;
+            case 7: tile(j->h, g, r, 7, &j->to); break;
+            case 6: tile(j->h, g, r, 6, &j->to); break;
+            case 5: tile(j->h, g, r, 5, &j->to); break;
+            case 4: tile(j->h, g, r, 4, &j->to); break;
+            case 3: tile(j->h, g, r, 3, &j->to); break;
+            case 2: tile(j->h, g, r, 2, &j->to); break;
+            case 1: tile(j->h, g, r, 1, &j->to); break;
             default: break;
         }
     }
@@ -213,30 +251,73 @@ KERNEL static void *run(void *arg) {
 
 #define MAX_THREADS 256
 
-int rl_head_logits_of(rl_head *h, const float *x, int n_rows, int n_threads, float *out) {
+/* The kernel over n_rows hidden states x, split by vocabulary groups across n_threads: logits
+ * into out, or (out NULL) each row's best k into ids and vals, each job keeping its own. */
+static int compute(rl_head *h, const float *x, int n_rows, int n_threads, float *out, int k, int32_t *ids,
+                   float *vals) {
 #ifndef RL_HEAD_X86
-    (void)h, (void)x, (void)n_rows, (void)n_threads, (void)out;
+    (void)h, (void)x, (void)n_rows, (void)n_threads, (void)out, (void)k, (void)ids, (void)vals;
     return RL_EINVAL;
 #else
     if (n_rows < 1 || n_rows > h->max_rows || n_threads < 1) return RL_EINVAL;
+    if (!out && (k < 1 || k > RL_HEAD_MAX_K || k > h->n_vocab)) return RL_EINVAL;
     if (n_threads > MAX_THREADS) n_threads = MAX_THREADS;
     if (n_threads > h->n_groups) n_threads = (int)h->n_groups;
+    size_t per_job = out ? 0 : (size_t)n_rows * k;
+    float *job_vals = out ? NULL : malloc(per_job * n_threads * sizeof *job_vals);
+    int32_t *job_ids = out ? NULL : malloc(per_job * n_threads * sizeof *job_ids);
+    if (!out && (!job_vals || !job_ids)) {
+        free(job_vals);
+        free(job_ids);
+        return RL_ENOMEM;
+    }
+    for (size_t i = 0; i < per_job * n_threads; i++) job_vals[i] = -INFINITY, job_ids[i] = -1;
     quantize_rows(h, x, n_rows);
     job jobs[MAX_THREADS];
     pthread_t threads[MAX_THREADS];
     int started = 1;
     for (int t = 0; t < n_threads; t++)
-        jobs[t] = (job){h, n_rows, h->n_groups * t / n_threads, h->n_groups * (t + 1) / n_threads, out};
+        jobs[t] = (job){h, n_rows, h->n_groups * t / n_threads, h->n_groups * (t + 1) / n_threads,
+                        {out, out ? NULL : job_vals + per_job * t, out ? NULL : job_ids + per_job * t, k}};
     for (int t = 1; t < n_threads; t++, started++)
         if (pthread_create(&threads[t], NULL, run, &jobs[t]) != 0) break;
     for (int t = started; t < n_threads; t++) run(&jobs[t]); /* threads refused: do their share here */
     run(&jobs[0]);
     for (int t = 1; t < started; t++) pthread_join(threads[t], NULL);
-    return RL_OK;
+    if (out) return RL_OK;
+    int rc = RL_OK; /* merged job by job: a later job's ids are all larger, so ties keep the earlier */
+    memcpy(vals, job_vals, per_job * sizeof *vals);
+    memcpy(ids, job_ids, per_job * sizeof *ids);
+    for (int t = 1; t < n_threads; t++) {
+        for (size_t i = 0; i < per_job; i++) {
+            float *v = vals + i / k * k;
+            int32_t *id = ids + i / k * k;
+            const float got = job_vals[per_job * t + i];
+            if (job_ids[per_job * t + i] >= 0 && got > v[k - 1]) keep_best(v, id, k, got, job_ids[per_job * t + i]);
+        }
+    }
+    for (int r = 0; r < n_rows; r++)
+        if (ids[(size_t)r * k + k - 1] < 0) rc = RL_EINVAL; /* fewer than k logits above -inf: NaN or -inf */
+    free(job_vals);
+    free(job_ids);
+    return rc;
 #endif
+}
+
+int rl_head_logits_of(rl_head *h, const float *x, int n_rows, int n_threads, float *out) {
+    return out ? compute(h, x, n_rows, n_threads, out, 0, NULL, NULL) : RL_EINVAL;
 }
 
 int rl_head_logits(rl_head *h, int n_threads, float *out) {
     if (h->captured < 1) return RL_EINVAL;
     return rl_head_logits_of(h, h->hidden, h->captured, n_threads, out);
+}
+
+int rl_head_top_k_of(rl_head *h, const float *x, int n_rows, int n_threads, int k, int32_t *ids, float *vals) {
+    return ids && vals ? compute(h, x, n_rows, n_threads, NULL, k, ids, vals) : RL_EINVAL;
+}
+
+int rl_head_top_k(rl_head *h, int n_threads, int k, int32_t *ids, float *vals) {
+    if (h->captured < 1) return RL_EINVAL;
+    return rl_head_top_k_of(h, h->hidden, h->captured, n_threads, k, ids, vals);
 }

@@ -60,6 +60,15 @@ int rl_head_logits(rl_head *head, int n_threads, float *out);
 /* Logits of n_rows given hidden states (n_rows x n_embd floats): the same kernel, for tests. */
 int rl_head_logits_of(rl_head *head, const float *x, int n_rows, int n_threads, float *out);
 
+/* Each captured row's best k tokens instead (captured x k ids and their logits, best first, ties
+ * to the smaller id), kept as the kernel goes, so no row of n_vocab logits is written or read
+ * again: greedy verification and the copy-logit table need no more. 1 <= k <= RL_HEAD_MAX_K;
+ * RL_EINVAL also where fewer than k of a row's logits are above -inf (NaN or -inf logits). */
+#define RL_HEAD_MAX_K 256
+int rl_head_top_k(rl_head *head, int n_threads, int k, int32_t *ids, float *vals);
+int rl_head_top_k_of(rl_head *head, const float *x, int n_rows, int n_threads, int k, int32_t *ids,
+                     float *vals);
+
 bool rl_head_eval_callback(void *tensor, bool ask, void *head);
 
 #endif

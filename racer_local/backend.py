@@ -109,7 +109,7 @@ class Backend:
         self.n_gpu_layers = n_gpu_layers
         self._vocab = ll.llama_model_get_vocab(self._model)
         self.n_vocab = ll.llama_vocab_n_tokens(self._vocab)
-        self._head = self._native = None  # racer-local's output layer (output_layer.py), if loaded
+        self._hook = self._head = self._native = None  # racer-local's output layer (output_layer.py)
         on_cpu = n_gpu_layers == 0 and not self.rpc
         self.output_layer_why = ("llama.cpp's was asked for" if output_layer == "llama.cpp"
                                  else native_output.unavailable(header, self.n_vocab, on_cpu=on_cpu))
@@ -117,8 +117,8 @@ class Backend:
             self.close()
             raise ModelError(f"racer-local's output layer cannot serve {self.model_path.name}: "
                              f"{self.output_layer_why}; use llama.cpp's (--output-layer llama.cpp)")
-        if self.output_layer_why is None:
-            self._head = native_output.load(self.model_path, header, max_rows=n_seq_max)
+        if self.output_layer_why is None:  # _hook: as long as the context, whose callback points into it
+            self._hook = self._head = native_output.load(self.model_path, header, max_rows=n_seq_max)
 
         cparams = ll.llama_context_default_params()
         cparams.n_ctx = n_ctx
@@ -150,6 +150,10 @@ class Backend:
         ]
         self._pieces: dict[int, bytes] = {}
         self.top_k = 0  # 0: decode returns full logits rows; else TopK rows of this many
+        # > 0: the batches racer-local's output layer computes come back as each row's best this
+        # many (TopK), kept as its kernel goes: no row of n_vocab logits is written or read again.
+        # Greedy verification and the copy-logit table need no more; sampling needs full rows.
+        self.native_top_k = 0
         self.call_s = self.read_s = 0.0  # the last decode's forward pass and its rows' read
         if self._head is not None:
             self._check_native_output(strict=output_layer == "native")
@@ -182,14 +186,22 @@ class Backend:
         seq, n = self.n_seq_max - 1, native_output.PROBE_ROWS
         tokens = [(self.bos + 97 * i) % self.n_vocab for i in range(n)]
         rows = []
-        for on in (False, True):
-            self.use_native_output(on)
-            rows.append(self.decode(tokens, range(n), [(seq,)] * n).copy())
+        try:
+            for on in (False, True):
+                self.use_native_output(on)
+                rows.append(self.decode(tokens, range(n), [(seq,)] * n).copy())
+                self.seq_rm(seq)
+        except DecodeError as e:  # it captured no final norm: a graph that names it otherwise
             self.seq_rm(seq)
-        if not native_output.agrees(rows[1], rows[0]):
+            self.output_layer_why = str(e)
+        else:
+            if not native_output.agrees(rows[1], rows[0]):
+                self.output_layer_why = "its logits differ from llama.cpp's on a probe"
+        if self.output_layer_why:
             self.use_native_output(False)
-            self._head, self.output_layer_why = None, "its logits differ from llama.cpp's on a probe"
+            self._head = None  # (the callback keeps its state alive in self._hook)
             if strict:
+                self.close()
                 raise ModelError(f"racer-local's output layer cannot serve {self.model_path.name}: "
                                  f"{self.output_layer_why}; use llama.cpp's (--output-layer llama.cpp)")
 
@@ -203,6 +215,7 @@ class Backend:
         if self._ctx:
             ll.llama_free(self._ctx)
             self._ctx = None
+        self._hook = self._head = self._native = None  # after the context whose callback used it
         self._free_chains()  # after the context that used them
         if self._model:
             ll.llama_model_free(self._model)
@@ -295,7 +308,8 @@ class Backend:
 
         The result is a float32 view of llama.cpp's own buffer (or of racer-local's output
         layer's), shape (n_logits, n_vocab), valid until the next decode: copy what must outlive
-        it (with set_top_k: a TopK of its own). seq_ids default to sequence 0.
+        it (with set_top_k, or native_top_k where racer-local's layer ran: a TopK of its own).
+        seq_ids default to sequence 0.
         """
         n = len(tokens)
         if not 0 < n <= self.n_batch:
@@ -334,7 +348,7 @@ class Backend:
         self.call_s, self.read_s = t1 - t0, time.perf_counter() - t1
         return rows
 
-    def _decode_native(self, n_logits: int) -> np.ndarray:
+    def _decode_native(self, n_logits: int) -> np.ndarray | TopK:
         """llama.cpp's graph up to the final norm, then racer-local's output layer."""
         self._head.arm(True)
         try:
@@ -346,6 +360,15 @@ class Backend:
         if self._head.captured != n_logits:
             raise DecodeError(f"racer-local's output layer captured {self._head.captured} hidden states, "
                               f"not {n_logits}; run with --output-layer llama.cpp")
+        if self.native_top_k:
+            k = self.native_top_k
+            ids, logits = np.empty((n_logits, k), dtype=np.int32), np.empty((n_logits, k), dtype=np.float32)
+            try:
+                self._head.top_k(k, ids, logits, self.n_threads)
+            except ValueError as e:  # NaN logits: the model or its weights are broken
+                raise DecodeError(f"racer-local's output layer: {e}; "
+                                  "run with --output-layer llama.cpp") from e
+            return TopK(ids, logits)
         self._head.logits(self._native, self.n_threads)
         return self._native[:n_logits]
 
@@ -427,15 +450,21 @@ class Backend:
             )
         n_logits = min(n_logits, len(tokens))
         parts = []
-        for lo in range(0, len(tokens), self.n_batch):
-            if interrupt is not None and interrupt.is_set():
-                raise DecodeError("generation was cancelled", cancelled=True)
-            chunk = tokens[lo : lo + self.n_batch]
-            tail = max(0, n_logits - (len(tokens) - lo - len(chunk)))  # rows due in this chunk
-            positions = range(start + lo, start + lo + len(chunk))
-            out = self.decode(chunk, positions, n_logits=min(tail, len(chunk)))
-            if len(out):
-                parts.append(out.copy())  # a full row is a view of llama.cpp's buffer
+        # Full rows or set_top_k's, one kind whichever chunks the rows fall in: native_top_k is
+        # off here (a prompt's few rows cost little either way).
+        kept, self.native_top_k = self.native_top_k, 0
+        try:
+            for lo in range(0, len(tokens), self.n_batch):
+                if interrupt is not None and interrupt.is_set():
+                    raise DecodeError("generation was cancelled", cancelled=True)
+                chunk = tokens[lo : lo + self.n_batch]
+                tail = max(0, n_logits - (len(tokens) - lo - len(chunk)))  # rows due in this chunk
+                positions = range(start + lo, start + lo + len(chunk))
+                out = self.decode(chunk, positions, n_logits=min(tail, len(chunk)))
+                if len(out):
+                    parts.append(out.copy())  # a full row is a view of llama.cpp's buffer
+        finally:
+            self.native_top_k = kept
         if not parts:
             return self._no_rows()
         rows = TopK.concat(parts) if self.top_k else np.concatenate(parts)

@@ -398,7 +398,7 @@ def run(*, model, threads, n_ctx, n_gpu_layers, suite: str, data_dir, methods: l
             echo(f"llama.cpp peers will be reported as failed: {e}")
     with Engine(model, n_ctx=n_ctx, threads=threads, n_gpu_layers=n_gpu_layers, rpc=rpc or (),
                 candidates=candidates, output_layer=output_layer) as engine:
-        engine.backend.set_top_k(engine.top_k(Sampler(**sampling).needs_full_rows))  # the runs' rows
+        engine.read_rows(Sampler(**sampling).needs_full_rows)  # as the runs will: the curve is theirs
         curve = cost_curve(engine)  # measured now if not cached, never during the runs
         runners = _runners(engine, pairs, sampling, binary, peer.get("error"))
         try:

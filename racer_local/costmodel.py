@@ -110,7 +110,7 @@ def _complete(backend: Backend, curve: CostCurve) -> bool:
 
 def _timed(backend: Backend, sizes, repeats: int, prefix: int) -> tuple[float, ...]:
     timings: dict[int, list[float]] = {n: [] for n in sizes}
-    with _scratch(backend, prefix) as decode:
+    with _scratch(backend, prefix, rows_as_set=True) as decode:
         for _ in range(repeats):
             for n in sizes:  # interleaved, so machine noise hits every size alike
                 t = time.perf_counter()
@@ -120,10 +120,14 @@ def _timed(backend: Backend, sizes, repeats: int, prefix: int) -> tuple[float, .
 
 
 @contextmanager
-def _scratch(backend: Backend, prefix: int = 64):
+def _scratch(backend: Backend, prefix: int = 64, rows_as_set: bool = False):
     """decode(n): n tokens with their rows after a `prefix`-token context on the last sequence
-    id, then rolled back; the committed text (sequence 0) is never touched."""
+    id, then rolled back; the committed text (sequence 0) is never touched. Rows are full rows
+    (what the choices between output layers and row modes compare) unless `rows_as_set`."""
     seq, token = backend.n_seq_max - 1, backend.bos
+    was = backend.native_top_k
+    if not rows_as_set:
+        backend.native_top_k = 0
 
     def decode(n: int):
         rows = backend.decode([token] * n, range(prefix, prefix + n), [(seq,)] * n)
@@ -137,9 +141,18 @@ def _scratch(backend: Backend, prefix: int = 64):
         yield decode
     finally:
         backend.seq_rm(seq)
+        backend.native_top_k = was
 
 
 _memo: dict[str, CostCurve] = {}
+
+
+def _rows_read(backend: Backend) -> list:
+    """How a generation reads rows, where that is not full rows: a curve is measured that way."""
+    rows = [backend.top_k] if backend.top_k else []
+    if backend.native_top_k and backend.output_layer == "native":
+        rows += ["native-top-k", backend.native_top_k]
+    return rows
 
 
 def cached(backend: Backend) -> CostCurve:
@@ -150,7 +163,7 @@ def cached(backend: Backend) -> CostCurve:
     impossible (N tokens cheaper than one), is measured again when the machine is quiet. One
     that lacks the long context for want of free cells is kept for this process only.
     """
-    key = _key(backend, SIZES, CONTEXTS, *([backend.top_k] if backend.top_k else []))  # rows as read
+    key = _key(backend, SIZES, CONTEXTS, *_rows_read(backend))
     if key in _memo:
         return _memo[key]
     path = _path(key)
@@ -389,9 +402,10 @@ _live: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def live(backend: Backend, method: str) -> LiveCost:
     """The backend's curve as `method` sees it (its per-row bookkeeping included), refined by
-    every generation of that method on the backend, in its present row mode (full or top-k)."""
+    every generation of that method on the backend, in its present row mode (full or top-k, from
+    llama.cpp or from racer-local's output layer) and output layer."""
     by_method = _live.setdefault(backend, {})
-    key = (method, backend.top_k)
+    key = (method, backend.output_layer, *_rows_read(backend))
     if key not in by_method:
         by_method[key] = LiveCost(cached(backend))
     return by_method[key]

@@ -31,7 +31,7 @@ class Step:
     # Where the step's time went; the rest is the KV commit and the loop itself.
     draft_s: float = 0.0  # the drafter proposing and observing (the copy-logit table's top-k too)
     build_s: float = 0.0  # sharing the prefix with the path ids and filling the batch
-    verify_s: float = 0.0  # the llama_decode call
+    verify_s: float = 0.0  # the forward pass: llama_decode, and racer-local's output layer if it ran
     read_s: float = 0.0  # fetching the rows: each node's top-k from the backend, or a view
     walk_s: float = 0.0  # choosing tokens along the tree (the argmax of full rows included)
 

@@ -169,6 +169,13 @@ class Engine:
             return 0
         return k
 
+    def read_rows(self, needs_full_rows: bool) -> None:
+        """Set the rows the next generation reads: full ones to sample or penalise, else each
+        node's top k, from llama.cpp's graph where top_k() says so, and from racer-local's
+        output layer wherever that computes a batch (its kernel keeps them as it goes)."""
+        self.backend.set_top_k(self.top_k(needs_full_rows))
+        self.backend.native_top_k = 0 if needs_full_rows else RacerConfig.top_k
+
     def __enter__(self) -> Engine:
         return self
 
@@ -353,7 +360,7 @@ class Engine:
     def _steps(self, tokens, make, choose, text, max_tokens, cancelled, stop_tokens,
                expected) -> Iterator[Chunk]:
         with self._exclusive(), self._finally_forget(cancelled):
-            self.backend.set_top_k(self.top_k(choose.needs_full_rows))  # before the drafter's cost curve
+            self.read_rows(choose.needs_full_rows)  # before the drafter's cost curve
             drafter = make()
             stats = Stats(prompt_tokens=len(tokens))
             t0 = time.perf_counter()

@@ -21,7 +21,7 @@ class Stats:
     # Parts of decode_s (see decode.Step); the rest is the KV commit and the loop.
     draft_s: float = 0.0  # drafting and updating the drafter
     build_s: float = 0.0  # sharing the prefix with the path ids and filling the batch
-    verify_s: float = 0.0  # the llama_decode calls
+    verify_s: float = 0.0  # the forward passes (llama_decode, and racer-local's output layer if it ran)
     read_s: float = 0.0  # fetching the rows (top-k from the backend, or full rows)
     walk_s: float = 0.0  # choosing tokens along the trees
     tree_sizes: dict[int, int] = field(default_factory=dict)  # nodes verified in a step -> steps

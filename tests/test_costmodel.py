@@ -68,7 +68,7 @@ def fake_backend(tmp_path, monkeypatch):
     monkeypatch.setattr(costmodel, "measure", measure)
     # n_ctx: too small a window for the long context, so the short curve is all
     backend = SimpleNamespace(model_path=model, n_threads=2, n_gpu_layers=0, rpc=(), n_batch=512, top_k=0,
-                              n_ctx=512, output_layer="llama.cpp")
+                              native_top_k=0, n_ctx=512, output_layer="llama.cpp")
     return backend, measured
 
 
@@ -91,6 +91,23 @@ def test_each_output_layer_has_its_own_curve(fake_backend, monkeypatch):
     backend.output_layer = "llama.cpp"
     costmodel.cached(backend)
     assert len(measured) == 2
+
+
+def test_greedy_top_k_rows_from_the_output_layer_have_their_own_curve(fake_backend, monkeypatch):
+    """Greedy generations read each row's best k where racer-local's layer computes a batch,
+    which costs less than full rows: their curve is measured apart, and only where it applies."""
+    backend, measured = fake_backend
+    monkeypatch.setattr(costmodel, "_busy", lambda: False)
+    backend.native_top_k = 8
+    costmodel.cached(backend)  # llama.cpp's layer: native_top_k changes nothing
+    backend.native_top_k = 0
+    costmodel.cached(backend)
+    assert len(measured) == 1
+    backend.output_layer = "native"
+    for k in (0, 8, 0, 8):
+        backend.native_top_k = k
+        costmodel.cached(backend)
+    assert len(measured) == 3
 
 
 @pytest.mark.parametrize("busy_then, seconds", [(True, [0.01, 0.02]), (False, [0.01, 0.001])])

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 import racer_local.decode as decode
-from racer_local import topk
+from racer_local import output_layer, topk
 
 NEAR_TIE = 1.0
 METHODS = ["pld", "racer", "racer-retrieval", "racer-logits", "racer-copy"]
@@ -61,7 +61,9 @@ def _record(engine, monkeypatch, prompt, method, max_tokens=48, **options):
         return rows
 
     def walk(tree, rows, choose):
-        assert isinstance(rows, topk.TopK) == (engine.backend.top_k > 0)
+        b = engine.backend  # top-k rows: llama.cpp's graph took them, or racer-local's layer kept them
+        kept = b.native_top_k > 0 and b.output_layer == "native" and len(tree) >= output_layer.MIN_ROWS
+        assert isinstance(rows, topk.TopK) == (b.top_k > 0 or kept)
         path, nxt = real_walk(tree, rows, choose)
         nodes = [rows[i] for i in range(len(tree))]
         walks.append((tree, [topk.best(r) for r in nodes], [topk.margin(r) for r in nodes], path, nxt))
@@ -98,9 +100,10 @@ def prompts():
 
 @pytest.fixture(params=["native", "host", "backend"])
 def rows_from(engine, request):
-    """The engine reading full rows on the host, computed by racer-local's output layer (native)
-    or by llama.cpp's (host), then each node's top-k from llama.cpp's graph (the GPU path,
-    forced here on the CPU)."""
+    """The engine reading rows computed by racer-local's output layer (native: each row's best k,
+    kept by its kernel, for batches; full rows from llama.cpp for one row), full rows from
+    llama.cpp's (host), then each node's top-k from llama.cpp's graph (the GPU path, forced here
+    on the CPU)."""
     backend, was = engine.backend, engine.backend.output_layer
     if request.param == "native" and not backend.native_output_loaded:
         pytest.skip(f"racer-local's output layer cannot serve here: {backend.output_layer_why}")

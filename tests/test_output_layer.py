@@ -14,6 +14,7 @@ import pytest
 
 from racer_local import output_layer
 from racer_local.gguf import Header, Tensor
+from racer_local.ngram import topk_rows
 
 native = output_layer._native
 pytestmark = pytest.mark.skipif(
@@ -66,6 +67,36 @@ def test_the_kernel_computes_ggml_s_q8_0_product(n_vocab, n_embd):
             np.testing.assert_allclose(out, _reference(x, scales, quants), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("k", [1, 8, 40])
+def test_its_top_k_is_the_best_k_of_its_logits(k):
+    """Kept as the kernel goes, each thread its own, then merged: the same tokens and logits as
+    the top k of the full rows, ties to the smaller id (rows 500 and 900 are row 7's twins, so
+    their logits tie across groups and threads)."""
+    n_vocab, n_embd = 1007, 64
+    rng = np.random.default_rng(k)
+    raw, scales, quants = _q8_0(rng, n_vocab, n_embd)
+    block = n_embd // 32 * 34
+    raw = bytearray(raw)
+    for b in range(n_embd // 32):  # row 7 the longest: more than twice any other row's scales
+        raw[7 * block + 34 * b : 7 * block + 34 * b + 2] = np.float16(0.05).tobytes()
+    scales[7] = np.float16(0.05)
+    for twin in (500, 900):
+        raw[twin * block : (twin + 1) * block] = raw[7 * block : 8 * block]
+    layer = native.OutputLayer(bytes(raw), n_vocab, n_embd, 24, *_ggml_fns())
+    for n_rows in (1, 2, 9, 24):
+        x = rng.standard_normal((n_rows, n_embd)).astype(np.float32)
+        x[0] = (quants[7] * scales[7][:, None]).ravel()  # row 0's best: token 7 and its twins
+        full = np.empty((n_rows, n_vocab), np.float32)
+        layer.logits_of(x, full, 1)
+        want = topk_rows(full, k)
+        assert list(want[0, :3]) == [7, 500, 900][:k]
+        for threads in (1, 2, 3):
+            ids, logits = np.empty((n_rows, k), np.int32), np.empty((n_rows, k), np.float32)
+            assert layer.top_k_of(x, k, ids, logits, threads) == n_rows
+            np.testing.assert_array_equal(ids, want)
+            np.testing.assert_array_equal(logits, np.take_along_axis(full, want, 1))
+
+
 def test_bad_arguments_are_refused_with_the_reason():
     raw, _, _ = _q8_0(np.random.default_rng(0), 32, 64)
     fns = _ggml_fns()
@@ -85,6 +116,12 @@ def test_bad_arguments_are_refused_with_the_reason():
         layer.logits_of(np.zeros((4, 64), np.float32), out[:2], 1)
     with pytest.raises(ValueError, match="none captured"):
         layer.logits(out, 1)  # no decode has run through it
+    ids, logits, x = np.empty((4, 8), np.int32), np.empty((4, 8), np.float32), np.ones((4, 64), np.float32)
+    for k in (0, 33, 257):
+        with pytest.raises(ValueError, match="k must be in 1..256"):
+            layer.top_k_of(x, k, ids, logits, 1)
+    with pytest.raises(ValueError, match="must hold 32 values each"):
+        layer.top_k_of(x, 8, ids[:2], logits, 1)
 
 
 def _header(**changes):
@@ -111,6 +148,7 @@ def test_its_rows_are_llama_cpp_s_rows(engine):
         pytest.skip(f"racer-local's output layer cannot serve here: {backend.output_layer_why}")
     was, top_k = backend.output_layer, backend.top_k
     backend.set_top_k(0)  # full rows: the native layer computes them
+    backend.native_top_k = 0  # (a greedy generation before this test leaves it set)
     engine.reset()
     context = backend.tokenize("The quick brown fox jumps over the lazy dog. " * 8)
     backend.prefill(context, 0)
@@ -127,12 +165,19 @@ def test_its_rows_are_llama_cpp_s_rows(engine):
                 backend.seq_rm(seq)
         assert (rows[True].argmax(1) == rows[False].argmax(1)).all()
         np.testing.assert_allclose(rows[True], rows[False], atol=1e-3 * np.abs(rows[False]).max())
+        backend.native_top_k = 8  # greedy's rows: each one's best 8, from the same kernel
+        best = backend.decode(tokens, positions, seqs)
+        for seq in (1, 2, 3):
+            backend.seq_rm(seq)
+        np.testing.assert_array_equal(best.ids, topk_rows(rows[True], 8))
+        np.testing.assert_array_equal(best.logits, np.take_along_axis(rows[True], best.ids, 1))
         captured = backend._head.captured
         one = backend.decode([tokens[0]], [at], [(1,)])
         assert backend._head.captured == captured, "a one-row decode went through the native layer"
-        assert one.shape == (1, backend.n_vocab)
+        assert one.shape == (1, backend.n_vocab)  # a full row from llama.cpp, native_top_k or not
         backend.seq_rm(1)
     finally:
+        backend.native_top_k = 0
         backend.use_native_output(was == "native")
         backend.set_top_k(top_k)
         engine.reset()
@@ -146,3 +191,18 @@ def test_asking_for_it_where_it_cannot_serve_is_an_error(model_path):
         Backend(model_path, output_layer="gpu")
     with pytest.raises(ModelError, match="cannot serve .*GPU or RPC.*--output-layer llama.cpp"):
         Backend(model_path, n_ctx=256, n_gpu_layers=1, output_layer="native")
+
+
+def test_a_probe_that_disagrees_with_llama_cpp_leaves_llama_cpp_s_layer(model_path, monkeypatch):
+    """What a llama.cpp whose graph does more after the final norm would cause: auto falls back
+    to llama.cpp's layer and says why; asking for the native layer is an error."""
+    from racer_local.backend import Backend
+    from racer_local.errors import ModelError
+
+    monkeypatch.setattr(output_layer, "agrees", lambda ours, theirs: False)
+    with Backend(model_path, n_ctx=256, output_layer="auto") as backend:
+        assert backend.output_layer == "llama.cpp" and not backend.native_output_loaded
+        assert "differ from llama.cpp's on a probe" in backend.output_layer_why
+        assert backend.decode([backend.bos] * 4, range(4)).shape == (4, backend.n_vocab)
+    with pytest.raises(ModelError, match="differ from llama.cpp's on a probe"):
+        Backend(model_path, n_ctx=256, output_layer="native")

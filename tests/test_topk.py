@@ -71,10 +71,12 @@ def test_greedy_choosers_take_top_k_rows_and_samplers_refuse_them():
 
 @pytest.fixture
 def backend(engine):
-    """The shared engine's backend, cold, left reading full rows."""
+    """The shared engine's backend, cold, reading full rows (whatever the last generation read)
+    and left so."""
     engine.reset()
+    engine.read_rows(needs_full_rows=True)
     yield engine.backend
-    engine.backend.set_top_k(0)
+    engine.read_rows(needs_full_rows=True)
     engine.reset()
 
 
