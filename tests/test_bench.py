@@ -92,13 +92,26 @@ def test_totals_not_means_of_ratios_over_prompts_both_finished():
 
 
 def test_greedy_agreement_and_the_margin_at_divergence():
+    """The margin is the baseline's own where the texts part: its prompt prefilled, then its
+    tokens decoded one a step, as it decoded them (never a batched prefill of the whole text)."""
+    def row(gap):
+        out = np.zeros((1, 8), dtype=np.float32)
+        out[0, 1], out[0, 2] = 5.0, 5.0 - gap
+        return out
+
     class FakeEngine:
         class backend:
+            decoded: list[tuple[list, list]] = []
+
             @staticmethod
             def prefill(context, start, n_logits):
-                row = np.zeros((1, 8), dtype=np.float32)
-                row[0, 1], row[0, 2] = 5.0, 4.5 if len(context) == 2 else 0.0  # a near-tie at 2
-                return row
+                assert (context, start, n_logits) == ([7], 0, 1)
+                return row(5.0)
+
+            @classmethod
+            def decode(cls, tokens, positions):
+                cls.decoded.append((list(tokens), list(positions)))
+                return row(0.5 if positions == [1] else 5.0)  # a near-tie before the 2nd token
 
         def reset(self):
             pass
@@ -113,6 +126,7 @@ def test_greedy_agreement_and_the_margin_at_divergence():
     assert agreement == ["identical", "identical", "near-tie", "diverged", None]
     assert (runs["tie"].diverged_at, runs["tie"].margin) == (1, 0.5)
     assert (runs["far"].diverged_at, runs["far"].margin) == (2, 5.0)
+    assert FakeEngine.backend.decoded == [([1], [1]), ([2], [2])]  # ar's path, once for both
 
 
 class Timed:
