@@ -158,6 +158,29 @@ def test_live_cost_learns_from_observed_steps_and_stays_monotone():
     assert live.time(2) == pytest.approx(1.1 * base.time(2))
 
 
+def test_an_octave_priced_out_by_slow_steps_is_priced_again_once_unseen():
+    """A few slow big trees (machine noise) must not price big trees out for good: once none
+    has been seen for STALE steps, their octave's ratio moves towards the recent steps'."""
+    from racer_local.costmodel import LiveCost
+
+    base = CostCurve((1, 2, 4, 8, 16, 32), (1.0, 1.2, 1.5, 2.0, 3.0, 5.0))
+    live = LiveCost(base)
+    for _ in range(5):
+        live.observe(24, base.time(24) * 3.0)  # three times the measurement, a busy moment
+    assert live.time(24) == pytest.approx(3 * base.time(24))
+    for _ in range(LiveCost.STALE - 1):
+        live.observe(1, 1.0)  # then only root-only steps, at the measured cost
+    assert live.time(24) == pytest.approx(3 * base.time(24))  # not yet stale
+    live.observe(1, 1.0)
+    assert live.time(24) == pytest.approx(3 ** 0.5 * base.time(24))  # halfway, geometrically
+    for _ in range(4 * LiveCost.STALE):
+        live.observe(1, 1.0)
+    assert live.time(24) < 1.1 * base.time(24)  # and on towards what steps cost now
+    for _ in range(6):
+        live.observe(24, base.time(24) * 2.0)  # fresh evidence outweighs the faded
+    assert live.time(24) == pytest.approx(2 * base.time(24))
+
+
 def test_the_curve_is_measured_after_both_contexts_beside_the_committed_text(model_path):
     from racer_local.backend import Backend
 
