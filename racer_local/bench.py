@@ -292,7 +292,7 @@ def environment(engine) -> dict:
             "python": platform.python_version(), "platform": platform.platform(), "cpu": cpu,
             "cpu_count": os.cpu_count(), "threads": b.n_threads, "n_ctx": b.n_ctx,
             "n_gpu_layers": b.n_gpu_layers, "rpc": list(b.rpc), "candidates": engine.candidates,
-            "top_k_on_backend": b.top_k, "output_layer": b.output_layer,
+            "top_k_on_backend": b.top_k, "native_top_k": b.native_top_k, "output_layer": b.output_layer,
             "output_layer_why": b.output_layer_why}
 
 

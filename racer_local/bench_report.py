@@ -51,7 +51,7 @@ def _header(data: dict) -> list[str]:
         f"{env['architecture']}), llama-cpp-python {env['llama_cpp_python']}, {env['threads']} "
         f"threads, n_ctx {env['n_ctx']}, {env['cpu']} ({env['cpu_count']} cores). Suite "
         f"{s['suite']}: {s['prompts']} prompts, up to {s['max_tokens']} tokens per turn, "
-        f"temperature {s['temperature']}. {_rows(env, s)} Every prompt is prefilled cold; methods "
+        f"temperature {s['temperature']}. {_rows(env)} Every prompt is prefilled cold; methods "
         f"interleaved prompt by prompt after one warm-up each{_repeats(s)}. Speedup is decode tokens/s "
         f"over `{BASELINE}` on the same prompts; e2e includes the prefill.", "",
     ]
@@ -62,7 +62,7 @@ def _repeats(settings: dict) -> str:
     return f", {n} rounds of them, each method's fastest run of a prompt kept" if n > 1 else ""
 
 
-def _rows(env: dict, settings: dict) -> str:
+def _rows(env: dict) -> str:
     """Which rows racer-local's methods read (--candidates)."""
     if "top_k_on_backend" not in env:  # an older run
         return ""
@@ -71,16 +71,11 @@ def _rows(env: dict, settings: dict) -> str:
     line = f"racer-local read {where} (--candidates {env['candidates']})."
     if env.get("output_layer") == "native":
         line += (" Rows of batches of 2 or more came from racer-local's own output layer (--output-layer)"
-                 + (", as each row's best k, not full rows." if _argmax_only(settings) else "."))
+                 + (f", as each row's best {env['native_top_k']}, not full rows." if env.get("native_top_k")
+                    else "."))
     elif env.get("output_layer_why"):
         line += f" llama.cpp computed every row (racer-local's output layer: {env['output_layer_why']})."
     return line
-
-
-def _argmax_only(settings: dict) -> bool:
-    """Greedy with no penalty: the runs read each row's best tokens only (Sampler.needs_full_rows)."""
-    return (settings.get("temperature") == 0 and settings.get("repeat_penalty", 1.0) == 1.0
-            and not settings.get("frequency_penalty") and not settings.get("presence_penalty"))
 
 
 def _method_table(data: dict) -> list[str]:
