@@ -20,6 +20,7 @@ should hold there too.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pickle
 import sys
 from pathlib import Path
@@ -129,6 +130,8 @@ def main() -> None:
                         help="the prompts of --limit 5 that --limit 2 leaves out, not --limit's")
     parser.add_argument("--overhead-ms", type=float, default=0.5,
                         help="racer's drafting time per step, pinned (see the module docstring)")
+    parser.add_argument("--config", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a RacerConfig field for racer's drafters, e.g. pay_margin=1.1 (repeatable)")
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "racer-local" / "replay"))
     args = parser.parse_args()
 
@@ -150,12 +153,15 @@ def main() -> None:
         cache.write_bytes(pickle.dumps((turns, curve)))
     cost = StaticCost(curve)
     methods = args.methods.split(",")
+    overrides = {k: float(v) for k, v in (c.split("=", 1) for c in args.config)}
     per: dict[str, dict[str, list[float]]] = {m: {} for m in methods}
     for method in methods:
         for turn in turns:
             drafter = make_drafter(method, engine.backend)
             if hasattr(drafter, "cost"):
                 drafter.cost = cost
+            if hasattr(drafter, "config") and overrides:
+                drafter.config = dataclasses.replace(drafter.config, **overrides)
             priced, steps, _ = replay(drafter, turn, cost, args.overhead_ms / 1e3)
             got = per[method].setdefault(turn["category"], [0.0, 0, 0])
             got[0] += priced

@@ -122,3 +122,24 @@ def test_the_early_stop_changes_no_tree_and_no_hindsight():
         assert tree == tree_before and pending == pending_before
         spared += work < work_before
     assert spared > 0  # and it did spare some searches
+
+
+def _copy_tree(rate: float, risk: float):
+    # The context repeats [3, 4, 5, ..., 12] after [1, 2]: the copy source offers a long chain.
+    context = [1, 2, *range(3, 13), 40, 41, 1]
+    racer = drafter(RacerConfig(logits=False, retrieval=False, risk=risk), Rated(rate))
+    racer.begin(context, np.zeros((1, 64), dtype=np.float32))
+    return racer.propose(2, 8)
+
+
+def test_a_bet_that_pays_only_on_average_is_declined_when_risk_counts():
+    # Copies rated 0.5 each: a 2-node tree expects 1.5 tokens for 1.3x the cost (1.15 > the 1.05
+    # margin), but half the time it yields the root alone; 0.35 standard deviations (0.5) leave
+    # 1.33 tokens, 1.02x: not worth it.
+    assert len(_copy_tree(0.5, risk=0.0)) >= 2
+    assert len(_copy_tree(0.5, risk=0.35)) == 1
+
+
+def test_a_nearly_sure_copy_keeps_its_length_when_risk_counts():
+    assert _copy_tree(0.97, risk=0.35).tokens == _copy_tree(0.97, risk=0.0).tokens
+    assert len(_copy_tree(0.97, risk=0.35)) == 8

@@ -13,11 +13,12 @@ Each candidate gets a calibrated probability of being accepted given its parent 
 acceptance rate observed so far for candidates of its kind (which sources proposed it, at
 what rank and logit gap, how long the copied match is and how far into the copy it is),
 starting from a weak prior. A best-first search then grows the tree by path probability,
-and the tree size N is the one that maximises expected tokens per second,
-(1 + sum of the first N-1 path probabilities) / cost(N), on the cost curve (measured, then
-refined from the step times observed here): when drafts keep failing it shrinks to the root
-alone, plain decoding. Calibrations are shared by the drafters of one backend, method and
-mode (greedy or sampled), so a request starts from what earlier ones observed.
+and the tree size N is the one that maximises tokens per second, (expected tokens, 1 + sum of
+the first N-1 path probabilities, less `risk` standard deviations of them) / cost(N), on the
+cost curve (measured, then refined from the step times observed here): when drafts keep
+failing it shrinks to the root alone, plain decoding. Calibrations are shared by the drafters
+of one backend, method and mode (greedy or sampled), so a request starts from what earlier
+ones observed.
 
 Seeding the table from the prompt costs a full vocabulary projection per prompt position
 (about 4 ms each for gemma-3-270m's 262k vocabulary on 2 CPU cores). Measured side by side on
@@ -76,6 +77,14 @@ class RacerConfig:
     # Qwen2.5-Coder-0.5B, ar's text forced on both, the categories where racer lost to ar:
     # 1.00x `ar` with 1.05, 0.98x with 1.0 (within noise, but never the other way).
     pay_margin: float = 1.05
+    # A tree is worth its expected tokens less `risk` standard deviations of them: a bet that pays
+    # on average can still lose a short reply's whole gain, as the first copy of a 22-token
+    # translation did (a 16-node tree at 0.62, nothing accepted: 0.87x `ar` priced), while a long
+    # copy that is nearly sure keeps its size. benchmarks/replay_drafts.py, ar's text priced by
+    # the curve, dev and held-out prompts: 0.35 moved Qwen2.5-Coder-0.5B from 1.18x to 1.20x and
+    # 1.13x to 1.15x (translation 0.87x to 1.00x), gemma-3-270m from 3.48x to 3.46x and 3.06x to
+    # 3.05x; 0.5 cost gemma 1.7%, 1.0 cost both.
+    risk: float = 0.35
 
 
 class CopyLogitTable:
@@ -329,6 +338,7 @@ class Racer(Drafter):
         costs = {n: self.cost.time(n) + self._overhead for n in sorted(self.sizes or range(2, limit + 2))
                  if 1 < n <= limit + 1}
         size, best_rate, expected = 1, self.config.pay_margin / (self.cost.time(1) + self._overhead), 1.0
+        var, risk = 0.0, self.config.risk
         while len(chosen) < limit and len(chosen) + 1 < 2 * size + self.STALE:
             for child, key, chance in self._chances(self._children(path, token, sources), rates):
                 tie += 1
@@ -339,10 +349,14 @@ class Racer(Drafter):
             p, token = -neg_p, path[-1]
             chosen.append(path)
             self._keys[path] = key, chance
+            # The accepted count's variance: a node is accepted with all its ancestors (len(path)
+            # - 1 of them drafted) and never with a node of another branch.
+            var += p * (1 - p) + 2 * p * (len(path) - expected)
             expected += p
             n = len(chosen) + 1
-            if n in costs and expected / costs[n] > best_rate:
-                size, best_rate = n, expected / costs[n]
+            worth = expected - risk * max(var, 0.0) ** 0.5
+            if n in costs and worth / costs[n] > best_rate:
+                size, best_rate = n, worth / costs[n]
             hindsight_ready = len(chosen) >= size - 1 + self.HINDSIGHT  # the left-out ones to score
             if hindsight_ready and not self._may_grow(expected, n, p, best_rate, costs):
                 break
