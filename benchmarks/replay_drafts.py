@@ -15,6 +15,7 @@ the same code differ by 3%, so it is pinned (--overhead-ms). `--held-out` replay
 should hold there too.
 
     python benchmarks/replay_drafts.py [-m MODEL] [--methods racer,racer-copy,...] [--held-out]
+        [--config risk=0.5]
 """
 
 from __future__ import annotations
