@@ -54,6 +54,29 @@ def test_the_copy_logit_table_answers_from_each_tokens_latest_row():
     assert [t for t, _ in table.candidates(3)][0] == 20
 
 
+def test_a_table_left_by_a_finished_drafter_is_reused_empty():
+    import gc
+
+    class Owner:
+        pass
+
+    first, full = Owner(), _full(3, vocab=61)
+    table = CopyLogitTable.fresh(61, 4, first)
+    table.update([3, 11], full[:2])
+    table.candidates(3)  # a kept read must not outlive the clear either
+    del first
+    gc.collect()
+    second = Owner()
+    again = CopyLogitTable.fresh(61, 4, second)
+    assert again is table  # the same pages, already mapped
+    assert again.candidates(3) == [] and again.candidates(11) == [] and not again.ids.any()
+    assert CopyLogitTable.fresh(61, 4, Owner()) is not again  # never two live owners
+    again.TOUCHED_CAP = 1  # past the cap it forgets which rows it wrote: clear() resets them all
+    again.update([5, 6, 7], full)
+    again.clear()
+    assert not again.ids.any() and again.candidates(5) == []
+
+
 def test_greedy_choosers_take_top_k_rows_and_samplers_refuse_them():
     full = _full(2)
     row = TopK(*topk.top(full, 4))[0]
