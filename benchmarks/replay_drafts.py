@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import pickle
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -77,11 +78,15 @@ class StaticCost:
         return self.curve.time(n, context) / self.curve.time(1, context)
 
 
-def replay(drafter, turn: dict, cost: StaticCost, overhead: float) -> tuple[float, int, dict]:
-    """(sum of t(N)/t(1) over the steps, steps, {tree size: steps}) of one turn."""
+def replay(drafter, turn: dict, cost: StaticCost, overhead: float) -> tuple[float, int, float]:
+    """(sum of t(N)/t(1) over the steps, steps, seconds in begin, propose and observe) of one
+    turn."""
     text, prompt = turn["tokens"], turn["prompt"]
     rows = topk.TopK(turn["top_ids"], turn["top_logits"])
+    clock = time.perf_counter
+    spent = clock()
     drafter.begin(prompt, rows[:1])
+    spent = clock() - spent
     pinned = hasattr(drafter, "_overhead")
     table = getattr(drafter, "table", None)
     if table is not None:  # only the accepted nodes' rows are known: see the module docstring
@@ -92,12 +97,14 @@ def replay(drafter, turn: dict, cost: StaticCost, overhead: float) -> tuple[floa
             sel = [i for i, k in enumerate(keep) if k]
             real([tokens[i] for i in sel], tree_rows[sel])
 
-        table.update = table_update
-    pos, priced, steps, sizes = 0, 0.0, 0, {}
+        table.update = table_update  # for this turn only (tables are reused): see the end
+    pos, priced, steps = 0, 0.0, 0
     while pos < len(text):
         if pinned:
             drafter._overhead = overhead
+        t0 = clock()
         tree = drafter.propose(text[pos], 64).limit(64, len(text) - pos - 1)
+        spent += clock() - t0
         path, node = [0], 0
         while pos + len(path) < len(text):
             child = tree.children[node].get(text[pos + len(path)])
@@ -112,12 +119,15 @@ def replay(drafter, turn: dict, cost: StaticCost, overhead: float) -> tuple[floa
             tree_rows.ids[n], tree_rows.logits[n] = rows.ids[at], rows.logits[at]
         if table is not None:
             keep[:] = [i in depth for i in range(len(tree))]
+        t0 = clock()
         drafter.observe(tree, tree_rows, path)
+        spent += clock() - t0
         priced += cost.relative(len(tree), len(prompt) + pos)
         steps += 1
-        sizes[len(tree)] = sizes.get(len(tree), 0) + 1
         pos += len(path)
-    return priced, steps, sizes
+    if table is not None:
+        del table.update
+    return priced, steps, spent
 
 
 def main() -> None:
@@ -163,11 +173,12 @@ def main() -> None:
                 drafter.cost = cost
             if hasattr(drafter, "config") and overrides:
                 drafter.config = dataclasses.replace(drafter.config, **overrides)
-            priced, steps, _ = replay(drafter, turn, cost, args.overhead_ms / 1e3)
-            got = per[method].setdefault(turn["category"], [0.0, 0, 0])
+            priced, steps, spent = replay(drafter, turn, cost, args.overhead_ms / 1e3)
+            got = per[method].setdefault(turn["category"], [0.0, 0, 0, 0.0])
             got[0] += priced
             got[1] += len(turn["tokens"])
             got[2] += steps
+            got[3] += spent
     categories = list(dict.fromkeys(t["category"] for t in turns))
     print(f"{path.name}: priced speedup over ar (tokens / sum t(N)/t(1)), tokens per step")
     print(f"{'category':<16}" + "".join(f"{m:>17}" for m in methods))
@@ -178,6 +189,9 @@ def main() -> None:
             priced, tokens, steps = (sum(r[i] for r in rows) for i in range(3))
             cells.append(f"{tokens / priced:>9.2f}x {tokens / steps:>5.2f}")
         print(f"{cat:<16}" + "".join(f"{c:>17}" for c in cells))
+    drafting = [sum(v[3] for v in per[m].values()) * 1e3 / sum(v[2] for v in per[m].values())
+                for m in methods]
+    print(f"{'drafting ms/step':<16}" + "".join(f"{d:>17.3f}" for d in drafting))
 
 
 if __name__ == "__main__":
