@@ -48,6 +48,7 @@ class Run:
     agreement: str | None = None  # vs ar: "identical", "near-tie" or "diverged" (greedy only)
     diverged_at: int | None = None  # index of the first differing token, turns concatenated
     margin: float | None = None  # ar's top-2 logit margin there
+    rounds: list[float] = field(default_factory=list)  # with repeats: each round's decode seconds
 
 
 # ----- running ------------------------------------------------------------------------------
@@ -110,6 +111,7 @@ def run_all(engine, methods: dict, prompts: list[suites.Prompt], *, max_tokens: 
             results[prompt.id], text = {}, None
             wall, cpu = time.perf_counter(), _cpu_seconds(methods)
             restore = saved_calibrations(engine.backend) if repeats > 1 else None
+            rounds: dict[str, list[float]] = {label: [] for label in labels}
             for r in range(repeats):
                 if r:  # no round learns from another
                     restore()
@@ -127,7 +129,12 @@ def run_all(engine, methods: dict, prompts: list[suites.Prompt], *, max_tokens: 
                     if same_text and text is None and label == BASELINE:
                         text = run  # the first ar run's tokens, for every round
                     results[prompt.id][label] = _kept(results[prompt.id].get(label), run)
+                    if run.error is None:
+                        rounds[label].append(sum(t.stats.decode_s for t in run.turns))
                     bar.update(1)
+            if repeats > 1:
+                for label in labels:
+                    results[prompt.id][label].rounds = rounds[label]
             wall, cpu = time.perf_counter() - wall, _cpu_seconds(methods) - cpu
             cpu_share[prompt.id] = _cpu_share(engine, cpu, wall)
     return results, warmup_errors, cpu_share
@@ -249,7 +256,19 @@ def metrics(pairs: list[tuple[Run, Run]]) -> dict:
     m["stopped_early"] = sum(any(t.finish_reason != "length" for t in r.turns) for r, _ in both)
     for kind in ("identical", "near-tie", "diverged"):
         m[kind] = sum(r.agreement == kind for r, _ in both)
+    m["spread"] = round_spread([r for r, _ in both])
     return m
+
+
+def round_spread(runs: list[Run]) -> float | None:
+    """How much longer the slowest round's decode took than the fastest's, these prompts summed
+    per round (None without repeats): the machine's noise on this method here, so a difference
+    between methods of that size says nothing."""
+    n = {len(r.rounds) for r in runs}
+    if len(n) != 1 or min(n) < 2:
+        return None
+    totals = [sum(r.rounds[i] for r in runs) for i in range(min(n))]
+    return max(totals) / min(totals) - 1 if min(totals) > 0 else None
 
 
 def summarize(results: dict[str, dict[str, Run]], prompts: list[suites.Prompt],
@@ -317,7 +336,7 @@ def _run_json(run: Run) -> dict:
     turns = [{"stats": t.stats.to_dict(), "finish_reason": t.finish_reason, "tokens": t.tokens,
               "text": t.text} for t in run.turns]
     return {"error": run.error, "agreement": run.agreement, "diverged_at": run.diverged_at,
-            "margin": run.margin, "turns": turns}
+            "margin": run.margin, "rounds_decode_s": run.rounds, "turns": turns}
 
 
 # ----- racer against the peers --------------------------------------------------------------

@@ -93,22 +93,37 @@ def _method_table(data: dict) -> list[str]:
 
 
 def _category_table(summary: dict, labels: list[str], versus: dict) -> list[str]:
-    """Speedup per category and overall, with the best peer's and racer's ratio over it."""
-    extra = " | best peer | racer / best peer" if versus else ""
-    lines = ["", f"Decode speedup over `{BASELINE}` by category:", "",
-             "| category | prompts | " + " | ".join(labels) + extra + " |",
-             "|---|--:|" + "--:|" * len(labels) + ("---|--:|" if versus else "")]
+    """Speedup per category and overall, with the best peer's and racer's ratio over it, and
+    with repeats the noise those are read against."""
     groups = {c: {label: summary[label]["categories"][c] for label in labels}
               for c in summary[BASELINE]["categories"]}
     groups["overall"] = {label: summary[label]["overall"] for label in labels}
+    noise = {c: _median([m["spread"] for m in by_label.values() if m.get("spread") is not None])
+             for c, by_label in groups.items()}
+    noisy = any(v is not None for v in noise.values())
+    extra = (" | best peer | racer / best peer" if versus else "") + (" | round spread" if noisy else "")
+    lines = ["", f"Decode speedup over `{BASELINE}` by category:", "",
+             "| category | prompts | " + " | ".join(labels) + extra + " |",
+             "|---|--:|" + "--:|" * len(labels) + ("---|--:|" if versus else "") + ("--:|" if noisy else "")]
     for c, by_label in groups.items():
         cells = [f"{by_label[label]['speedup']:.2f}x" for label in labels]
         if versus:
             v = versus[c]
             cells += [f"{v['best_peer']} {v['peer_speedup']:.2f}x", f"**{v['ratio']:.2f}x**"]
+        if noisy:
+            cells.append("n/a" if noise[c] is None else f"{noise[c]:.0%}")
         name = "**overall**" if c == "overall" else c
         lines.append(f"| {name} | {by_label[BASELINE]['prompts']} | " + " | ".join(cells) + " |")
+    if noisy:
+        lines += ["", "Round spread: the median over the methods of how much longer a method's slowest "
+                  "round took to decode the category's prompts than its fastest. The figures above keep "
+                  "each method's fastest run of a prompt; a difference between methods smaller than the "
+                  "spread is within this machine's noise."]
     return lines
+
+
+def _median(values: list[float]) -> float | None:
+    return float(np.median(values)) if values else None
 
 
 def _host_table(summary: dict) -> list[str]:

@@ -166,6 +166,11 @@ def test_repeats_keep_each_methods_fastest_run_and_any_failure(engine):
     assert "injected failure" in results["p"]["flaky"].error
     assert all(m.seconds == [] for m in methods.values())  # three rounds each
     assert methods["server"].forgotten == 2  # no round drafts from an earlier round's answer
+    # Each round's decode time is kept, so the report can say how far apart two rounds were.
+    assert results["p"]["ar"].rounds == [3.0, 1.0, 2.0]
+    ar = results["p"]["ar"]
+    assert bench.metrics([(ar, ar)])["spread"] == pytest.approx(2.0)  # 3 s against 1 s
+    assert bench.metrics([(bench.Run(ar.turns), ar)])["spread"] is None  # one round: no spread
 
 
 # ----- one real run on the embedded model ---------------------------------------------------
@@ -296,7 +301,8 @@ def test_same_text_pins_our_methods_to_ars_tokens(tmp_path, model_path):
     assert tokens["racer"] == tokens["pld"] == tokens["ar"]
     assert data["settings"]["same_text"] and data["settings"]["repeats"] == 2
     report = (tmp_path / "out" / "report.md").read_text()
-    assert "Same text" in report and "2 rounds" in report
+    assert "Same text" in report and "2 rounds" in report and "Round spread" in report
+    assert len(runs["ar"]["rounds_decode_s"]) == 2
     with pytest.raises(ValueError, match="temperature 0"):
         bench.run(model=model_path, threads=1, n_ctx=512, n_gpu_layers=0, suite="mgsm-zh",
                   data_dir=tmp_path, methods=["ar"], limit=1, max_tokens=4, sampling={"temperature": 0.7},
