@@ -28,7 +28,7 @@ from racer_local import bench_methods as methods_
 from racer_local import bench_report, headroom, topk
 from racer_local import bench_suites as suites
 from racer_local.bench_methods import BASELINE, LLAMA_CPP, Turn, peer_cpu_seconds
-from racer_local.bench_report import BUSY
+from racer_local.costmodel import BUSY
 from racer_local.drafters import DRAFTERS
 from racer_local.sampling import Sampler
 from racer_local.stats import PARTS, Stats

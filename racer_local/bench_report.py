@@ -13,9 +13,8 @@ import numpy as np
 
 from racer_local import headroom
 from racer_local.bench_methods import BASELINE, LLAMA_CPP
+from racer_local.costmodel import BUSY
 from racer_local.stats import PARTS
-
-BUSY = 0.6  # a prompt's CPU share below this means another job competed for the cores
 
 
 def write_outputs(out: Path, data: dict) -> None:

@@ -50,6 +50,10 @@ SIZES = (*range(1, 13), 14, 16, 20, 24, 28, 32, 40, 48, 56, 62)
 CONTEXTS = (64, 1024)
 MAX_REACH = 3.0
 
+# CPU seconds over wall seconds x threads below this: other work competed for the cores (alone,
+# a bench prompt's share is about 0.9 here). For a curve being measured and a bench's prompts.
+BUSY = 0.6
+
 
 @dataclass(frozen=True)
 class CostCurve:
@@ -176,11 +180,16 @@ def cached(backend: Backend) -> CostCurve:
     except (OSError, ValueError, KeyError):
         curve, stale = None, True
     if stale:
-        busy = _busy()
+        on_cpu = backend.n_gpu_layers == 0 and not backend.rpc
+        busy = not on_cpu and _busy()
+        wall, cpu = time.perf_counter(), time.process_time()
         curve = measure(backend)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        if on_cpu:  # a core taken by other work shows as CPU time this process did not get
+            busy = wall > 0.1 and cpu / (wall * backend.n_threads) < BUSY
         if _complete(backend, curve):  # else measured again by the next process
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"key": key, "busy": busy or _busy(), **curve.to_dict()}))
+            path.write_text(json.dumps({"key": key, "busy": busy, **curve.to_dict()}))
     _memo[key] = curve
     return curve
 
@@ -300,7 +309,9 @@ def plausible(curve: CostCurve) -> bool:
 
 
 def _busy() -> bool:
-    """Other work is running: the 1-minute load is above a quarter of the cores."""
+    """Other work is running: the 1-minute load is above a quarter of the cores. It counts this
+    process's own recent work too (and a measurement's own), so on the CPU a measurement is
+    judged by the CPU time it got instead (see cached)."""
     try:
         return os.getloadavg()[0] > 0.25 * (os.cpu_count() or 1)
     except OSError:  # no load average on this platform

@@ -122,6 +122,34 @@ def test_a_busy_or_implausible_cached_curve_is_measured_again(fake_backend, monk
     assert len(measured) == 2
 
 
+@pytest.mark.parametrize("work, busy", [("burn", False), ("wait", True)])
+def test_a_measurement_is_judged_busy_by_the_cpu_time_it_got(fake_backend, monkeypatch, work, busy):
+    """The load average counts this process's own decoding, and the measurement's own: by it,
+    every curve measured right after a generation was flagged busy and measured again by the next
+    process. On the CPU the flag says whether the measurement got its threads' CPU time."""
+    import time
+
+    backend, _ = fake_backend
+    backend.n_threads = 1
+
+    def measure(backend):
+        end = time.perf_counter() + 0.2
+        while time.perf_counter() < end:  # burning: the cores were ours; else another job had them
+            if work == "wait":
+                time.sleep(0.01)
+        return CostCurve((1, 2), (0.01, 0.02))
+
+    monkeypatch.setattr(costmodel, "measure", measure)
+    monkeypatch.setattr(costmodel, "_busy", lambda: True)  # a load average raised by our own work
+    costmodel.cached(backend)
+    (path,) = (costmodel.cache_dir() / "costs").iterdir()
+    assert json.loads(path.read_text())["busy"] is busy
+    backend.n_gpu_layers = -1  # offloaded: CPU time says nothing, the load average decides
+    costmodel.cached(backend)
+    offloaded = [p for p in (costmodel.cache_dir() / "costs").iterdir() if p != path]
+    assert json.loads(offloaded[0].read_text())["busy"] is True
+
+
 def test_live_cost_keeps_the_measured_dips_but_not_noise_across_octaves():
     """Even batches cost less than the odd one below them on llama.cpp's CPU kernels: the
     refined curve keeps that, so a 4-node tree is priced below a 3-node one."""
