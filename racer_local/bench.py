@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import math
 import os
 import platform
 import sys
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from racer_local import bench_methods as methods_
-from racer_local import bench_report, headroom, topk
+from racer_local import bench_report, defaults, headroom, topk
 from racer_local import bench_suites as suites
 from racer_local.bench_methods import BASELINE, LLAMA_CPP, Turn, peer_cpu_seconds
 from racer_local.costmodel import BUSY
@@ -76,15 +77,17 @@ def run_prompt(engine, method, prompt: suites.Prompt, max_tokens: int, sampling:
 
 
 def run_all(engine, methods: dict, prompts: list[suites.Prompt], *, max_tokens: int,
-            sampling: dict, progress: bool = True, same_text: bool = False, repeats: int = 1):
+            sampling: dict, progress: bool = True, same_text: bool = False, repeats: int = 1,
+            min_time: float = 0.0):
     """Methods interleaved per prompt. Returns {prompt id: {label: Run}}, {label: warm-up
     error} and {prompt id: CPU share}: the CPU seconds of this process and its llama-server
     peers over wall seconds x threads while the prompt ran, which drops (to ~0.5) when
     another job competes for the cores. With `same_text`, `ar` runs first on each prompt
     and racer-local's other methods commit its tokens (greedy only). With `repeats`, every
     method runs the prompt that many times and its fastest run is kept, a failed one always;
-    no round learns from another: racer's start from the calibration the earlier prompts
-    left, llama.cpp's after the first from a fresh server."""
+    with `min_time`, a prompt runs more rounds until a typical method's decode adds up to it
+    (rounds_for). No round learns from another: racer's start from the calibration the
+    earlier prompts left, llama.cpp's after the first from a fresh server."""
     from tqdm import tqdm
 
     from racer_local.drafters.racer import saved_calibrations
@@ -110,9 +113,10 @@ def run_all(engine, methods: dict, prompts: list[suites.Prompt], *, max_tokens: 
         for k, prompt in enumerate(prompts):
             results[prompt.id], text = {}, None
             wall, cpu = time.perf_counter(), _cpu_seconds(methods)
-            restore = saved_calibrations(engine.backend) if repeats > 1 else None
+            restore = saved_calibrations(engine.backend)
             rounds: dict[str, list[float]] = {label: [] for label in labels}
-            for r in range(repeats):
+            n_rounds, r = repeats, 0
+            while r < n_rounds:
                 if r:  # no round learns from another
                     restore()
                     for label in labels:  # a fresh llama-server: see LlamaCppServer.forget
@@ -132,12 +136,26 @@ def run_all(engine, methods: dict, prompts: list[suites.Prompt], *, max_tokens: 
                     if run.error is None:
                         rounds[label].append(sum(t.stats.decode_s for t in run.turns))
                     bar.update(1)
-            if repeats > 1:
+                if r == 0:
+                    n_rounds = rounds_for(repeats, min_time, [v[0] for v in rounds.values() if v])
+                    bar.total += (n_rounds - repeats) * len(labels)
+                r += 1
+            if n_rounds > 1:
                 for label in labels:
                     results[prompt.id][label].rounds = rounds[label]
             wall, cpu = time.perf_counter() - wall, _cpu_seconds(methods) - cpu
             cpu_share[prompt.id] = _cpu_share(engine, cpu, wall)
     return results, warmup_errors, cpu_share
+
+
+def rounds_for(repeats: int, min_time: float, first: list[float]) -> int:
+    """Rounds for a prompt whose first round's decode took `first` seconds per method: at least
+    `repeats`, and enough for the median method's to add up to `min_time`, at most
+    defaults.BENCH_MAX_ROUNDS. Short runs are the noisiest and the cheapest to repeat."""
+    typical = float(np.median(first)) if first else 0.0
+    if min_time <= 0 or typical <= 0:
+        return repeats
+    return max(repeats, min(defaults.BENCH_MAX_ROUNDS, math.ceil(min_time / typical)))
 
 
 def _kept(best: Run | None, run: Run) -> Run:
@@ -262,12 +280,12 @@ def metrics(pairs: list[tuple[Run, Run]]) -> dict:
 
 def round_spread(runs: list[Run]) -> float | None:
     """How much longer the slowest round's decode took than the fastest's, these prompts summed
-    per round (None without repeats): the machine's noise on this method here, so a difference
-    between methods of that size says nothing."""
-    n = {len(r.rounds) for r in runs}
-    if len(n) != 1 or min(n) < 2:
+    per round over the rounds they all ran (None without repeats): the machine's noise on this
+    method here, so a difference between methods of that size says nothing."""
+    n = min((len(r.rounds) for r in runs), default=0)  # short prompts may have run more rounds
+    if n < 2:
         return None
-    totals = [sum(r.rounds[i] for r in runs) for i in range(min(n))]
+    totals = [sum(r.rounds[i] for r in runs) for i in range(n)]
     return max(totals) / min(totals) - 1 if min(totals) > 0 else None
 
 
@@ -393,14 +411,14 @@ def _runners(engine, pairs, sampling: dict, binary, build_error: str | None) -> 
 def run(*, model, threads, n_ctx, n_gpu_layers, suite: str, data_dir, methods: list[str],
         limit: int | None, max_tokens: int, sampling: dict, out: Path, command: str,
         llama_server=None, rpc=(), candidates: str = "auto", output_layer: str = "auto",
-        same_text: bool = False, repeats: int = 1, echo=print) -> dict:
+        same_text: bool = False, repeats: int = 1, min_time: float = 0.0, echo=print) -> dict:
     """Load the model, run every method on the suite's prompts, write the three files; the data.
 
     llama.cpp's methods need a llama-server: `llama_server` if given, else the cached build for
     this binding, else it is built now (minutes, once). If that fails, those methods are
     reported as failed with the reason. With `rpc` workers only the engine's methods run: a
-    worker serves one client at a time, and the engine holds them. `same_text`, `repeats`: see
-    run_all.
+    worker serves one client at a time, and the engine holds them. `same_text`, `repeats`,
+    `min_time`: see run_all.
     """
     if same_text and sampling.get("temperature", 0) != 0:
         raise ValueError("--same-text pins every method to ar's greedy text: use it with temperature 0")
@@ -433,7 +451,8 @@ def run(*, model, threads, n_ctx, n_gpu_layers, suite: str, data_dir, methods: l
         try:
             results, warmup_errors, cpu_share = run_all(engine, runners, prompts,
                                                         max_tokens=max_tokens, sampling=sampling,
-                                                        same_text=same_text, repeats=repeats)
+                                                        same_text=same_text, repeats=repeats,
+                                                        min_time=min_time)
         finally:
             for runner in runners.values():
                 runner.close()
@@ -451,7 +470,8 @@ def run(*, model, threads, n_ctx, n_gpu_layers, suite: str, data_dir, methods: l
         "duration_s": time.perf_counter() - started,
         "settings": {"suite": suite, "prompts": len(prompts), "methods": dict(pairs),
                      "limit": limit, "max_tokens": max_tokens, "same_text": same_text,
-                     "repeats": repeats, **sampling},
+                     "repeats": repeats, "min_time": min_time, "max_rounds": defaults.BENCH_MAX_ROUNDS,
+                     **sampling},
         "environment": env, "cost_curve": curve, "warmup_errors": warmup_errors,
         "summary": summary, "versus_peers": versus_peers(summary), "same_engine": same_engine(summary),
         "calibration": calibration,

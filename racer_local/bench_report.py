@@ -57,8 +57,12 @@ def _header(data: dict) -> list[str]:
 
 
 def _repeats(settings: dict) -> str:
-    n = settings.get("repeats", 1)
-    return f", {n} rounds of them, each method's fastest run of a prompt kept" if n > 1 else ""
+    n, t = settings.get("repeats", 1), settings.get("min_time", 0.0)
+    more = (f"; a prompt whose decode took under {t:g} s got more rounds, up to "
+            f"{settings['max_rounds']}, until a typical method's added up to that") if t > 0 else ""
+    if n > 1:
+        return f", {n} rounds of them{more}, each method's fastest run of a prompt kept"
+    return f"{more}, each method's fastest run kept" if more else ""
 
 
 def _rows(env: dict) -> str:

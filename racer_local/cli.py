@@ -342,10 +342,15 @@ def _command_line(params: dict) -> str:
 @click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True,
               help="Runs of every method on each prompt, interleaved; the fastest of each is kept "
                    "(this machine's noise only adds time).")
+@click.option("--min-time", type=click.FloatRange(min=0), default=defaults.BENCH_MIN_TIME, show_default=True,
+              help="Seconds of decode a prompt's runs should add up to: a shorter prompt gets more rounds "
+                   f"(up to {defaults.BENCH_MAX_ROUNDS}; short runs are the noisiest); 0 keeps --repeats "
+                   "for every prompt.")
 @click.option("-o", "--out", type=click.Path(file_okay=False), default="bench-out", show_default=True,
               help="Directory for results.json, report.md and speedup.png.")
 @_friendly_errors
-def bench(engine, suite, data, methods, llama_server, limit, max_tokens, same_text, repeats, out, **sampling):
+def bench(engine, suite, data, methods, llama_server, limit, max_tokens, same_text, repeats, min_time, out,
+          **sampling):
     """Measure each method's decode speedup over plain decoding on public prompt sets."""
     from racer_local import bench as bench_lib
     from racer_local.bench_report import report
@@ -356,7 +361,7 @@ def bench(engine, suite, data, methods, llama_server, limit, max_tokens, same_te
                            methods=_parse_methods(methods),
                            limit=limit, max_tokens=max_tokens, sampling=sampling, out=out,
                            command=command, llama_server=llama_server, same_text=same_text, repeats=repeats,
-                           echo=lambda line: click.echo(line, err=True))
+                           min_time=min_time, echo=lambda line: click.echo(line, err=True))
     click.echo(report(result))
     click.echo(f"wrote results.json, report.md and speedup.png to {out}", err=True)
 

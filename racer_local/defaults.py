@@ -12,3 +12,9 @@ CANDIDATES = "auto"
 # own output layer (output_layer.py), "llama.cpp" llama.cpp's; "auto" measures which is faster
 # for the model on this machine where the native one can serve (costmodel).
 OUTPUT_LAYER = "auto"
+# bench: a prompt whose decode takes less than BENCH_MIN_TIME seconds runs more rounds, up to
+# BENCH_MAX_ROUNDS, the fastest kept. Under half a second, two rounds of one method moved 10-25% here
+# on the same work (Qwen2.5-Coder-0.5B, 2 cores), where 128-token prompts (2-3 s) moved 5-15%; a
+# 0.25 s qa prompt then costs 8 rounds, about a minute with the llama.cpp peers.
+BENCH_MIN_TIME = 2.0
+BENCH_MAX_ROUNDS = 8

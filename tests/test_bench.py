@@ -173,6 +173,30 @@ def test_repeats_keep_each_methods_fastest_run_and_any_failure(engine):
     assert bench.metrics([(bench.Run(ar.turns), ar)])["spread"] is None  # one round: no spread
 
 
+def test_short_prompts_get_more_rounds_with_min_time(engine):
+    short = bench_suites.Prompt("short", "s", "c", ("hi",))
+    long = bench_suites.Prompt("long", "s", "c", ("hi",))
+    # Warm-ups, then the short prompt's rounds (0.3 s: ceil(1.0 / 0.3) = 4 rounds), then the long
+    # one's (2 s: --repeats' 2 rounds).
+    methods = {"ar": Timed(9.0, 0.3, 0.2, 0.4, 0.3, 2.0, 2.5),
+               "other": Timed(9.0, 0.3, 0.3, 0.1, 0.3, 2.0, 1.5)}
+    results, _, _ = bench.run_all(engine, methods, [short, long], max_tokens=4, sampling={},
+                                  progress=False, repeats=2, min_time=1.0)
+    assert all(m.seconds == [] for m in methods.values())  # every run asked for, no more
+    assert results["short"]["ar"].rounds == [0.3, 0.2, 0.4, 0.3]
+    assert results["short"]["other"].turns[0].stats.decode_s == 0.1  # the fastest of its four
+    assert results["long"]["other"].rounds == [2.0, 1.5]
+    # Spread over the rounds both prompts ran: (0.3 + 2.0) against (0.2 + 2.5).
+    assert bench.round_spread([results["short"]["ar"], results["long"]["ar"]]) == pytest.approx(2.7 / 2.3 - 1)
+
+
+def test_rounds_for_caps_short_prompts_and_keeps_repeats():
+    assert bench.rounds_for(1, 2.0, [0.01, 0.02]) == bench.defaults.BENCH_MAX_ROUNDS
+    assert bench.rounds_for(3, 2.0, [5.0]) == 3
+    assert bench.rounds_for(1, 0.0, [0.01]) == 1  # off
+    assert bench.rounds_for(2, 2.0, []) == 2  # every method failed: nothing to go by
+
+
 # ----- one real run on the embedded model ---------------------------------------------------
 
 
@@ -223,6 +247,14 @@ def test_greedy_runs_bound_each_category_on_ars_text(bench_run):
     assert table[-1].startswith("| **overall** |") and bound >= 1.0
 
 
+def test_the_cli_repeats_short_prompts_by_default(bench_run):
+    out, data = bench_run
+    # 24 tokens decode in well under --min-time's default 2 s, so each prompt ran more rounds.
+    for p in data["prompts"].values():
+        assert len(p["runs"]["ar"]["rounds_decode_s"]) > 1
+    assert "got more rounds" in (out / "report.md").read_text()
+
+
 def test_the_host_breakdown_covers_our_methods_not_opaque_ones(bench_run):
     out, data = bench_run
     summary = data["summary"]
@@ -232,7 +264,9 @@ def test_the_host_breakdown_covers_our_methods_not_opaque_ones(bench_run):
         parts = sum(m[part] for part in ("draft_s", "build_s", "verify_s", "read_s", "walk_s"))
         assert 0 < m["verify_s"] and 0 < m["build_s"] and parts <= m["decode_s"]
     assert summary["llama-cpp-python-pld"]["overall"]["host_share"] is None  # its timings are its own
-    rows = [line for line in (out / "report.md").read_text().splitlines() if line.endswith("% |")]
+    lines = (out / "report.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| method | steps |")) + 2
+    rows = lines[start : lines.index("", start)]
     assert {row.split(" | ")[0] for row in rows} == {"| ar", "| ar#2", "| pld"}  # failing: no steps timed
 
 
