@@ -29,7 +29,6 @@ from racer_local import bench_methods as methods_
 from racer_local import bench_report, defaults, headroom, topk
 from racer_local import bench_suites as suites
 from racer_local.bench_methods import BASELINE, LLAMA_CPP, Turn, peer_cpu_seconds
-from racer_local.costmodel import BUSY
 from racer_local.drafters import DRAFTERS
 from racer_local.sampling import Sampler
 from racer_local.stats import PARTS, Stats
@@ -338,13 +337,11 @@ def cost_curve(engine) -> dict:
     N-node tree even if every draft were accepted: max over N of N / relative(N)."""
     from racer_local import costmodel
 
-    wall, cpu = time.perf_counter(), time.process_time()
     curve = costmodel.cached(engine.backend)
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     ceiling, at = max((n / curve.relative(n), n) for n in curve.sizes)
     # The curve is cached on disk, so a distorted one misleads every later run: flag one measured
     # now while another job held the cores, or one saying N > 1 tokens cost much less than one.
-    busy = wall > 0.5 and (share := _cpu_share(engine, cpu, wall)) is not None and share < BUSY
+    busy = bool(costmodel.measured_busy(engine.backend))
     implausible = [n for n in curve.sizes if curve.relative(n) < 0.9]
     return {**curve.to_dict(), "ceiling": ceiling, "ceiling_n": at, "measured_busy": busy,
             "implausible": implausible}

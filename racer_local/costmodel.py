@@ -149,6 +149,7 @@ def _scratch(backend: Backend, prefix: int = 64, rows_as_set: bool = False):
 
 
 _memo: dict[str, CostCurve] = {}
+_measured_busy: dict[str, bool] = {}  # key -> busy, for the curves this process measured
 
 
 def _rows_read(backend: Backend) -> list:
@@ -167,7 +168,7 @@ def cached(backend: Backend) -> CostCurve:
     impossible (N tokens cheaper than one), is measured again when the machine is quiet. One
     that lacks the long context for want of free cells is kept for this process only.
     """
-    key = _key(backend, SIZES, CONTEXTS, *_rows_read(backend))
+    key = _curve_key(backend)
     if key in _memo:
         return _memo[key]
     path = _path(key)
@@ -187,11 +188,22 @@ def cached(backend: Backend) -> CostCurve:
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         if on_cpu:  # a core taken by other work shows as CPU time this process did not get
             busy = wall > 0.1 and cpu / (wall * backend.n_threads) < BUSY
+        _measured_busy[key] = busy
         if _complete(backend, curve):  # else measured again by the next process
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({"key": key, "busy": busy, **curve.to_dict()}))
     _memo[key] = curve
     return curve
+
+
+def measured_busy(backend: Backend) -> bool | None:
+    """Whether cached() measured this backend's curve in this process with the machine busy (so
+    the next quiet process measures it again); None if the curve came from disk."""
+    return _measured_busy.get(_curve_key(backend))
+
+
+def _curve_key(backend: Backend) -> str:
+    return _key(backend, SIZES, CONTEXTS, *_rows_read(backend))
 
 
 def _key(backend: Backend, *what) -> str:

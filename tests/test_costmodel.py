@@ -57,6 +57,7 @@ def test_live_cost_moves_its_prices_with_the_context_and_keeps_what_it_learned()
 def fake_backend(tmp_path, monkeypatch):
     monkeypatch.setenv("RACER_LOCAL_HOME", str(tmp_path))
     monkeypatch.setattr(costmodel, "_memo", {})
+    monkeypatch.setattr(costmodel, "_measured_busy", {})
     model = tmp_path / "m.gguf"
     model.write_bytes(b"GGUF")
     measured = []
@@ -76,9 +77,12 @@ def test_the_curve_is_measured_once_then_read_from_disk(fake_backend, monkeypatc
     backend, measured = fake_backend
     monkeypatch.setattr(costmodel, "_busy", lambda: False)
     assert costmodel.cached(backend).seconds == (0.01, 0.02)
+    assert costmodel.measured_busy(backend) is False  # measured here, quiet
     costmodel._memo.clear()
+    costmodel._measured_busy.clear()  # as a new process
     assert costmodel.cached(backend).seconds == (0.01, 0.02)
     assert len(measured) == 1
+    assert costmodel.measured_busy(backend) is None  # read from disk: not this process's to judge
 
 
 def test_each_output_layer_has_its_own_curve(fake_backend, monkeypatch):
@@ -144,6 +148,7 @@ def test_a_measurement_is_judged_busy_by_the_cpu_time_it_got(fake_backend, monke
     costmodel.cached(backend)
     (path,) = (costmodel.cache_dir() / "costs").iterdir()
     assert json.loads(path.read_text())["busy"] is busy
+    assert costmodel.measured_busy(backend) is busy  # what the bench report flags
     backend.n_gpu_layers = -1  # offloaded: CPU time says nothing, the load average decides
     costmodel.cached(backend)
     offloaded = [p for p in (costmodel.cache_dir() / "costs").iterdir() if p != path]
