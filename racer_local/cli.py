@@ -340,8 +340,8 @@ def _command_line(params: dict) -> str:
               help="Pin racer-local's methods to ar's greedy tokens, so drafters are compared on one "
                    "text (methods otherwise part at near-ties and decode different texts).")
 @click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Runs of every method on each prompt, interleaved; the fastest of each is kept "
-                   "(this machine's noise only adds time).")
+              help="Runs of every method on each prompt at least (see --min-time), interleaved; the "
+                   "fastest of each is kept (this machine's noise only adds time).")
 @click.option("--min-time", type=click.FloatRange(min=0), default=defaults.BENCH_MIN_TIME, show_default=True,
               help="Seconds of decode a prompt's runs should add up to: a shorter prompt gets more rounds "
                    f"(up to {defaults.BENCH_MAX_ROUNDS}; short runs are the noisiest); 0 keeps --repeats "
