@@ -13,8 +13,9 @@ CANDIDATES = "auto"
 # for the model on this machine where the native one can serve (costmodel).
 OUTPUT_LAYER = "auto"
 # bench: a prompt whose decode takes less than BENCH_MIN_TIME seconds runs more rounds, up to
-# BENCH_MAX_ROUNDS, the fastest kept. Under half a second, two rounds of one method moved 10-25% here
-# on the same work (Qwen2.5-Coder-0.5B, 2 cores), where 128-token prompts (2-3 s) moved 5-15%; a
+# BENCH_MAX_ROUNDS, the fastest kept. Two rounds of one method on one prompt (Qwen2.5-Coder-0.5B, 2
+# cores, the 2-round bench of 2026-12-07) were apart by a median 19% (middle half 13-33%) for runs
+# under a second and 14% (7-24%) for longer ones; short runs are also the cheapest to repeat: a
 # 0.25 s qa prompt then costs 8 rounds, about a minute with the llama.cpp peers.
 BENCH_MIN_TIME = 2.0
 BENCH_MAX_ROUNDS = 8
