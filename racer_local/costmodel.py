@@ -148,8 +148,8 @@ def _scratch(backend: Backend, prefix: int = 64, rows_as_set: bool = False):
         backend.native_top_k = was
 
 
-_memo: dict[str, CostCurve] = {}
-_measured_busy: dict[str, bool] = {}  # key -> busy, for the curves this process measured
+# key -> (curve, whether this process measured it busy; None: it was read from disk)
+_memo: dict[str, tuple[CostCurve, bool | None]] = {}
 
 
 def _rows_read(backend: Backend) -> list:
@@ -170,7 +170,7 @@ def cached(backend: Backend) -> CostCurve:
     """
     key = _curve_key(backend)
     if key in _memo:
-        return _memo[key]
+        return _memo[key][0]
     path = _path(key)
     try:
         data = json.loads(path.read_text())
@@ -180,6 +180,7 @@ def cached(backend: Backend) -> CostCurve:
                  or (data.get("busy", True) and not _busy()))
     except (OSError, ValueError, KeyError):
         curve, stale = None, True
+    busy = None
     if stale:
         on_cpu = backend.n_gpu_layers == 0 and not backend.rpc
         busy = not on_cpu and _busy()
@@ -188,18 +189,17 @@ def cached(backend: Backend) -> CostCurve:
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         if on_cpu:  # a core taken by other work shows as CPU time this process did not get
             busy = wall > 0.1 and cpu / (wall * backend.n_threads) < BUSY
-        _measured_busy[key] = busy
         if _complete(backend, curve):  # else measured again by the next process
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({"key": key, "busy": busy, **curve.to_dict()}))
-    _memo[key] = curve
+    _memo[key] = curve, busy
     return curve
 
 
 def measured_busy(backend: Backend) -> bool | None:
     """Whether cached() measured this backend's curve in this process with the machine busy (so
     the next quiet process measures it again); None if the curve came from disk."""
-    return _measured_busy.get(_curve_key(backend))
+    return _memo.get(_curve_key(backend), (None, None))[1]
 
 
 def _curve_key(backend: Backend) -> str:

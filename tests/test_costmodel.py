@@ -57,7 +57,6 @@ def test_live_cost_moves_its_prices_with_the_context_and_keeps_what_it_learned()
 def fake_backend(tmp_path, monkeypatch):
     monkeypatch.setenv("RACER_LOCAL_HOME", str(tmp_path))
     monkeypatch.setattr(costmodel, "_memo", {})
-    monkeypatch.setattr(costmodel, "_measured_busy", {})
     model = tmp_path / "m.gguf"
     model.write_bytes(b"GGUF")
     measured = []
@@ -78,8 +77,7 @@ def test_the_curve_is_measured_once_then_read_from_disk(fake_backend, monkeypatc
     monkeypatch.setattr(costmodel, "_busy", lambda: False)
     assert costmodel.cached(backend).seconds == (0.01, 0.02)
     assert costmodel.measured_busy(backend) is False  # measured here, quiet
-    costmodel._memo.clear()
-    costmodel._measured_busy.clear()  # as a new process
+    costmodel._memo.clear()  # as a new process
     assert costmodel.cached(backend).seconds == (0.01, 0.02)
     assert len(measured) == 1
     assert costmodel.measured_busy(backend) is None  # read from disk: not this process's to judge
