@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from racer_local.drafters.history import History
+from racer_local.drafters.history import History, looped
 from racer_local.drafters.racer import RacerConfig
 from racer_local.ngram import NgramIndex
 
@@ -33,6 +33,8 @@ def draftable(context: Sequence[int], tokens: Sequence[int], longest: int,
     for i, root in enumerate(tokens):
         want = list(tokens[i + 1 : i + 1 + longest])
         _, run = history.copy(root, config.copy_match, len(want))
+        if 0 < len(run) < len(want):  # as racer's copy source: past the context's end, a loop
+            run = looped(run, root, len(want))
         best = _common(run, want)
         matched: list[int] = []  # per retrieved node: its depth if its path matches, else 0
         for token, parent, _ in index.retrieve_nodes(root, len(want)) if want else ():

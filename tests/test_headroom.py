@@ -21,6 +21,11 @@ def test_draftable_takes_the_index_where_the_copy_source_picks_another_occurrenc
     assert draftable(context, [6, 7, 8, 1, 1, 1], longest=61)[0] == 2
 
 
+def test_draftable_follows_a_loop_past_the_end_of_the_context():
+    # The context has just gone round "1 2 3" once; the text goes round twice more.
+    assert draftable([1, 2, 3, 1, 2], [3, 1, 2, 3, 1, 2, 3], longest=61)[0] == 6
+
+
 def test_draftable_never_reaches_past_the_text():
     tokens = list(range(20))  # the text repeats the context's passage
     lengths = draftable([7, *tokens, 7], tokens, longest=61)

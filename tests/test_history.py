@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from racer_local.drafters.history import History
+from racer_local.drafters.history import History, looped
 
 
 def naive(context, root, longest, limit, shortest, reference=None, near=None):
@@ -43,3 +43,11 @@ def test_copy_within_a_predicted_text(context, predicted, root, longest, limit, 
     p.extend(predicted)
     got = h.copy(root, longest, limit, shortest, within=p, near=near)
     assert got == naive(context, root, longest, limit, shortest, predicted, near)
+
+
+def test_a_copy_that_runs_into_the_end_goes_round_again():
+    h = History()
+    h.extend([5, 6, 7, 5, 6])
+    match, run = h.copy(7, 32, 7)
+    assert (match, run) == (3, [5, 6])  # the occurrence ends two tokens before the context does
+    assert looped(run, 7, 7) == [5, 6, 7, 5, 6, 7, 5]  # what it copied, the root, and again

@@ -36,6 +36,8 @@ def _prompts() -> list[str]:
         "The capital of France is",
         "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
         "one two three four five one two three four five one two",
+        # after "three four" came five, six and seven: siblings for the tree to branch on
+        "one two three four five, one two three four six, one two three four seven, one two three four",
     ]
     if not BENCH.is_dir():  # the built-in prompts still run; the bench's add long contexts
         return prompts

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from racer_local.costmodel import CostCurve
-from racer_local.drafters.racer import Calibration, Racer, RacerConfig, source_of
+from racer_local.drafters.racer import LOOPED, Calibration, Racer, RacerConfig, source_of
 
 CHEAP = CostCurve(tuple(range(1, 9)), tuple(1.0 + 0.3 * (n - 1) for n in range(1, 9)))  # 0.3 a node
 
@@ -143,3 +143,13 @@ def test_a_bet_that_pays_only_on_average_is_declined_when_risk_counts():
 def test_a_nearly_sure_copy_keeps_its_length_when_risk_counts():
     assert _copy_tree(0.97, risk=0.35).tokens == _copy_tree(0.97, risk=0.0).tokens
     assert len(_copy_tree(0.97, risk=0.35)) == 8
+
+
+def test_a_loop_is_drafted_past_the_end_of_the_context_and_judged_apart():
+    # The context has just gone round "1 2 3": the copy source's occurrence ends two tokens back.
+    racer = drafter(RacerConfig(logits=False, retrieval=False, risk=0.0), Rated(0.97))
+    racer.begin([9, 1, 2, 3, 1, 2], np.zeros((1, 16), dtype=np.float32))
+    tree = racer.propose(3, 8)
+    assert tree.tokens == (3, 1, 2, 3, 1, 2, 3, 1)  # the root, then round and round
+    buckets = [racer._keys[tuple(tree.tokens[1 : i + 1])][0][2][0] for i in range(1, len(tree))]
+    assert LOOPED not in buckets[:2] and set(buckets[2:]) == {LOOPED}

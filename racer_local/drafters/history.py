@@ -56,6 +56,15 @@ class History:
         return best, ref[at + 1 : min(at + 1 + limit, m)].tolist()
 
 
+def looped(run: list[int], root: int, limit: int) -> list[int]:
+    """A copy of the context that ran into its end (`run` shorter than `limit`), continued as if
+    the text were a loop: what it copied, then the root, again and again. When the latest earlier
+    occurrence is that close, the text has just repeated itself (a list, a refrain, a small
+    model going round), and the copy's own next tokens are the ones it has just drafted."""
+    period = [*run, root]
+    return [period[i % len(period)] for i in range(limit)]
+
+
 class Prediction:
     """A request's predicted output (OpenAI's `prediction`) to copy drafts from. It is stored
     behind the context's last token, so the output's first token matches as a continuation of

@@ -7,7 +7,9 @@ Every candidate child of a tree node comes from one or more sources:
   refreshed from every verified node, rejected ones included;
 - copy: the tokens that followed the most recent occurrence of the context's longest matching
   suffix, as far as the cost curve lets a chain pay, not as far as the index window reaches
-  (names and numbers in translations, quotes in summaries, code edits); and, where a request
+  (names and numbers in translations, quotes in summaries, code edits); where that occurrence
+  is so recent that the copy runs into the context's end, round again as a loop (history.looped:
+  a list, a refrain, a small model repeating itself), judged apart; and, where a request
   predicts its output (OpenAI's `prediction`), what followed that tail in the prediction.
 Each candidate gets a calibrated probability of being accepted given its parent was: the
 acceptance rate observed so far for candidates of its kind (which sources proposed it, at
@@ -42,7 +44,7 @@ import numpy as np
 
 from racer_local import topk
 from racer_local.drafters.base import Drafter
-from racer_local.drafters.history import History, Prediction
+from racer_local.drafters.history import History, Prediction, looped
 from racer_local.ngram import NgramIndex
 from racer_local.tree import DraftTree
 
@@ -57,6 +59,13 @@ COPY_POS_EDGES = (2, 3, 5, 9, 17)  # copy: position in the copied run (1, 2, 3-4
 # The match bucket of a copy from the request's predicted output, whatever the match's length:
 # the caller said the output would repeat it, so it is judged apart from the context's copies.
 PREDICTED = len(COPY_MATCH_EDGES) + 1
+# The match bucket of a context copy's tokens past the context's end (history.looped): a bet
+# that the text goes round again, judged apart from copies of text that exists. Before loops a
+# copy stopped at the context's end, so a model repeating a 12-token sentence got 12-token drafts.
+# benchmarks/replay_drafts.py, priced: gemma-3-270m 3.46x -> 3.61x `ar` (dev prompts; qa 3.69x ->
+# 4.23x, math 3.14x -> 3.59x) and 3.05x -> 3.06x (held-out); Qwen2.5-Coder-0.5B and SmolLM2-135M,
+# whose replies rarely loop, unchanged (1.20x / 1.15x, 1.18x -> 1.19x).
+LOOPED = PREDICTED + 1
 
 
 @dataclass(frozen=True)
@@ -263,7 +272,7 @@ def _copy_prior(kind) -> float | None:
     if kind is None:
         return None
     match, pos = kind
-    return min(0.9, (0.35, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85)[match] + 0.04 * pos)
+    return min(0.9, (0.35, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.6)[match] + 0.04 * pos)
 
 
 def source_of(key: tuple) -> str:
@@ -426,12 +435,16 @@ class Racer(Drafter):
                 children.setdefault(prefix, {}).setdefault(token, [None, None])[0] = kind
         if self.config.copy:
             match, run = self.history.copy(root, self.config.copy_match, budget)
-            copies = [(bisect_right(COPY_MATCH_EDGES, match), run)]
+            buckets = [bisect_right(COPY_MATCH_EDGES, match)] * len(run)
+            if 0 < len(run) < budget:  # it ran into the context's end: the text may be a loop
+                run = looped(run, root, budget)
+                buckets += [LOOPED] * (budget - len(buckets))
+            copies = [(buckets, run)]
             if self.expected is not None:  # where both hold a token, the prediction's kind
                 _, run = self.expected.copy(self.history, root, self.config.copy_match, budget)
-                copies.append((PREDICTED, run))
-            for m, run in copies:
-                for i, token in enumerate(run):
+                copies.append(([PREDICTED] * len(run), run))
+            for buckets, run in copies:
+                for i, (m, token) in enumerate(zip(buckets, run)):
                     kind = (m, bisect_right(COPY_POS_EDGES, i + 1))
                     children.setdefault(tuple(run[:i]), {}).setdefault(token, [None, None])[1] = kind
         return children
