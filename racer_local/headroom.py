@@ -33,8 +33,7 @@ def draftable(context: Sequence[int], tokens: Sequence[int], longest: int,
     for i, root in enumerate(tokens):
         want = list(tokens[i + 1 : i + 1 + longest])
         _, run = history.copy(root, config.copy_match, len(want))
-        if 0 < len(run) < len(want):  # as racer's copy source: past the context's end, a loop
-            run = looped(run, root, len(want))
+        run = looped(run, root, len(want))  # as racer's copy source: past the context's end, a loop
         best = _common(run, want)
         matched: list[int] = []  # per retrieved node: its depth if its path matches, else 0
         for token, parent, _ in index.retrieve_nodes(root, len(want)) if want else ():

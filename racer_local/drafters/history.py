@@ -57,10 +57,13 @@ class History:
 
 
 def looped(run: list[int], root: int, limit: int) -> list[int]:
-    """A copy of the context that ran into its end (`run` shorter than `limit`), continued as if
-    the text were a loop: what it copied, then the root, again and again. When the latest earlier
-    occurrence is that close, the text has just repeated itself (a list, a refrain, a small
-    model going round), and the copy's own next tokens are the ones it has just drafted."""
+    """A context copy (History.copy's run for `limit` tokens) that ran into the context's end,
+    continued as if the text were a loop: what it copied, then the root, again and again, up to
+    `limit`; any other run as it is. When the latest earlier occurrence is that close, the text
+    has just repeated itself (a list, a refrain, a small model going round), and the copy's own
+    next tokens are the ones it has just drafted."""
+    if not 0 < len(run) < limit:  # no match, or a run that stopped at `limit`, not at the end
+        return run
     period = [*run, root]
     return [period[i % len(period)] for i in range(limit)]
 

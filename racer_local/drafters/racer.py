@@ -435,10 +435,8 @@ class Racer(Drafter):
                 children.setdefault(prefix, {}).setdefault(token, [None, None])[0] = kind
         if self.config.copy:
             match, run = self.history.copy(root, self.config.copy_match, budget)
-            buckets = [bisect_right(COPY_MATCH_EDGES, match)] * len(run)
-            if 0 < len(run) < budget:  # it ran into the context's end: the text may be a loop
-                run = looped(run, root, budget)
-                buckets += [LOOPED] * (budget - len(buckets))
+            copied, run = len(run), looped(run, root, budget)  # past the context's end: a loop
+            buckets = [bisect_right(COPY_MATCH_EDGES, match)] * copied + [LOOPED] * (len(run) - copied)
             copies = [(buckets, run)]
             if self.expected is not None:  # where both hold a token, the prediction's kind
                 _, run = self.expected.copy(self.history, root, self.config.copy_match, budget)
